@@ -1,0 +1,3 @@
+"""deploykit: train → compress → convert → integrate → test for INT8 CNNs with LUT activations."""
+
+__version__ = "0.1.0"

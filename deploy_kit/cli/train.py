@@ -1,0 +1,54 @@
+"""`deploykit train`: an INT8 QAT teacher from the zoo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from deploy_kit.cli import emit, handle_errors, json_option, say
+from deploy_kit.models import ARCHITECTURES
+from deploy_kit.quant import BACKENDS
+
+
+@click.command("train")
+@click.option("--model", "arch", default="lenet5", show_default=True, type=click.Choice(list(ARCHITECTURES)),
+              help="Architecture from the zoo (all in their 32×32 CIFAR form).")
+@click.option("--data", default="digits", show_default=True,
+              help="digits | cifar10:PATH | imagefolder:PATH (train/ test/ [val/] of class folders).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to write the teacher into.")
+@click.option("--width", default=1.0, show_default=True, help="Channel multiplier (like MobileNet's α).")
+@click.option("--epochs", default=30, show_default=True, help="Float pre-training epochs.")
+@click.option("--qat-epochs", default=8, show_default=True, help="Quantization-aware fine-tuning epochs.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate of float training (Adam, one-cycle).")
+@click.option("--max-train", type=int, default=None, help="Use only the first N training images (quick runs).")
+@click.option("--backend", default="qnnpack", show_default=True, type=click.Choice(BACKENDS),
+              help="Quantized engine the INT8 PyTorch model is converted for.")
+@click.option("--seed", default=0, show_default=True, help="Seeds the split, the init and the batch order.")
+@click.option("--force", is_flag=True, help="Overwrite an existing teacher in --out.")
+@json_option
+@handle_errors
+def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, max_train, backend, seed, force, as_json):
+    """Train a float model, fine-tune it with INT8 QAT, convert it to INT8 and evaluate.
+
+    Writes OUT/teacher.safetensors and OUT/teacher.json (architecture, labels, preprocessing,
+    per-layer activation scale/zero-point, accuracies).
+
+    \b
+    Example:
+      deploykit train --model lenet5 --data digits --out runs/lenet5
+      deploykit train --model vgg16 --width 0.25 --data cifar10:~/data/cifar-10-batches-py --out runs/vgg16
+    """
+    from deploy_kit.train import TrainConfig, train_teacher
+
+    cfg = TrainConfig(model=arch, data=data, width=width, epochs=epochs, qat_epochs=qat_epochs,
+                      batch_size=batch_size, lr=lr, seed=seed, backend=backend, max_train=max_train)
+    meta = train_teacher(cfg, out, force=force)
+    acc = meta["accuracy"]
+    say(f"{arch} on {data}: {meta['seconds']:.1f}s, {meta['images_per_s']:.0f} img/s")
+    for kind in ("float", "fake_quant", "int8"):
+        say(f"  {kind:<10} val {acc[kind]['val']:6.2f}%   test {acc[kind]['test']:6.2f}%")
+    say(f"teacher → {out / 'teacher.json'}")
+    emit({"checkpoint": str(out / "teacher.safetensors"), "model": arch, "seconds": meta["seconds"],
+          "accuracy": {k: acc[k] for k in ("float", "int8")}})

@@ -1,0 +1,146 @@
+"""The train stage: float pre-training, BN folding, QAT, INT8 conversion, evaluation."""
+
+from __future__ import annotations
+
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from deploy_kit import quant
+from deploy_kit.data import Dataset, Split, load_dataset, normalize
+from deploy_kit.errors import ConfigError
+from deploy_kit.fsutil import check_writable
+from deploy_kit.models import ARCHITECTURES, ZooModel, build_model
+from deploy_kit.teacher import SIDECAR_NAME, save_teacher
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "lenet5"
+    data: str = "digits"
+    width: float = 1.0
+    epochs: int = 30
+    qat_epochs: int = 8
+    batch_size: int = 64
+    lr: float = 2e-3
+    qat_lr: float = 2e-4
+    augment: bool = True
+    seed: int = 0
+    backend: str = "qnnpack"
+    max_train: int | None = None  # cap on training images, for quick runs
+
+    def __post_init__(self):
+        if self.model not in ARCHITECTURES:
+            raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(ARCHITECTURES)}")
+        if self.epochs < 0 or self.qat_epochs < 1:
+            raise ConfigError(f"need epochs >= 0 and qat_epochs >= 1, got {self.epochs} and {self.qat_epochs}")
+        if self.backend not in quant.BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; choose one of {', '.join(quant.BACKENDS)}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batches(split: Split, ds: Dataset, batch_size: int):
+    """Normalized (x, y) tensors over a split, in order."""
+    for i in range(0, len(split), batch_size):
+        x = torch.from_numpy(normalize(split.images[i:i + batch_size], ds.norm))
+        yield x, torch.from_numpy(split.labels[i:i + batch_size])
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, split: Split, ds: Dataset, batch_size: int = 256) -> np.ndarray:
+    """Logits of `model` over a split (float32, N×classes)."""
+    model.eval()
+    return np.concatenate([model(x).float().numpy() for x, _ in batches(split, ds, batch_size)])
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return round(100.0 * float((logits.argmax(1) == labels).mean()), 2)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to `pad` pixels (reflect padding, random crop)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    return padded[:, :, dy:dy + h, dx:dx + w]
+
+
+def _run_epochs(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, epochs: int, lr: float,
+                label: str, gen: torch.Generator) -> None:
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = max(1, epochs * ((len(train) + cfg.batch_size - 1) // cfg.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+    bar = tqdm(range(epochs), desc=label, unit="epoch", leave=False, dynamic_ncols=True)
+    for _ in bar:
+        model.train()
+        order = torch.randperm(len(train), generator=gen).numpy()
+        shuffled = Split(train.images[order], train.labels[order])
+        seen = correct = total_loss = 0
+        for x, y in batches(shuffled, ds, cfg.batch_size):
+            if cfg.augment:
+                x = _augment(x, gen)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            total_loss += float(loss) * len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}%")
+
+
+def _evaluate(model, ds: Dataset) -> dict:
+    return {s: accuracy(predict(model, ds.split(s), ds), ds.split(s).labels) for s in ("val", "test")}
+
+
+def versions() -> dict:
+    import onnx, onnxruntime, sklearn  # noqa: E401  (reported, not used)
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "scikit-learn": sklearn.__version__}
+
+
+def train_teacher(cfg: TrainConfig, out_dir: Path, force: bool = False, ds: Dataset | None = None) -> dict:
+    """Train, quantize and save a teacher into `out_dir`; returns the sidecar metadata."""
+    check_writable(Path(out_dir) / SIDECAR_NAME, force)
+    start = time.perf_counter()
+    seed_everything(cfg.seed)
+    ds = ds or load_dataset(cfg.data, cfg.seed)
+    train = ds.split("train")
+    if cfg.max_train:
+        train = Split(train.images[:cfg.max_train], train.labels[:cfg.max_train])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = build_model(cfg.model, ds.input_shape, len(ds.classes), cfg.width)
+    _run_epochs(model, train, ds, cfg, cfg.epochs, cfg.lr, "float", gen)
+    acc_float = _evaluate(model, ds)
+    quant.prepare_qat(quant.fold_batchnorm(model))
+    _run_epochs(model, train, ds, cfg, cfg.qat_epochs, cfg.qat_lr, "qat", gen)
+    quant.freeze(model)
+    acc_fq = _evaluate(model, ds)
+    acc_int8 = _evaluate(quant.convert_int8(model, cfg.backend), ds)
+    seconds = round(time.perf_counter() - start, 2)
+    meta = {
+        "model": cfg.model, "width": cfg.width, "backend": cfg.backend, "data": cfg.data, "seed": cfg.seed,
+        "classes": list(ds.classes), "input_shape": list(ds.input_shape), "layout": "NCHW",
+        "normalization": ds.norm.to_dict(),
+        "input_quant": quant.input_quant(model).to_dict(), "output_quant": quant.output_quant(model).to_dict(),
+        "layers": {n: q.to_dict() for n, q in quant.activation_quant(model).items()},
+        "accuracy": {"float": acc_float, "fake_quant": acc_fq, "int8": acc_int8},
+        "train_images": len(train), "images_per_s": round(len(train) * (cfg.epochs + cfg.qat_epochs) / seconds, 1),
+        "seconds": seconds, "config": asdict(cfg), "versions": versions(),
+    }
+    save_teacher(model, meta, Path(out_dir))
+    return meta
