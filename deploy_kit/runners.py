@@ -1,0 +1,420 @@
+"""One runner per runtime, shared by `verify` and `bench`.
+
+Every runner takes what every model in deploykit takes — `data.normalize(uint8 NHWC)`, float32
+NCHW — and returns float32 logits (N × classes). Layout (NHWC for TFLite), int8 input
+quantization and output dequantization are the runner's business, read from the model's own
+tensor details, never from assumptions about the exporter.
+
+For `verify --localize` every runner can also report the activation *codes* at each
+approximated layer (`tap_codes`), in the teacher's code domain (q = round(x/s) + z), so a
+runtime and the student can be compared layer by layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deploy_kit.errors import ConfigError, ExportError
+from deploy_kit.fsutil import sha256_file
+from deploy_kit.lut import ActivationQuant, LayerLUT
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_SCHEMA = "deploykit-manifest/1"
+DEFAULT_BATCH = 256
+
+
+def to_codes(values: np.ndarray, quant: ActivationQuant) -> np.ndarray:
+    """Float activations on (or near) the teacher's grid → integer codes."""
+    return np.rint(np.asarray(values, np.float64) / quant.scale).astype(np.int64) + quant.zero_point
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _file_bytes(path: Path) -> int:
+    return Path(path).stat().st_size
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+class _TorchRunner:
+    """Runs a ZooModel in eval mode; `tap_codes` hooks the outputs of the model's taps."""
+
+    batch_size = DEFAULT_BATCH
+
+    def __init__(self, model, name: str, artifact: str, nbytes: int, layer_quant: dict[str, ActivationQuant]):
+        self.model, self.name, self.artifact, self.bytes = model.eval(), name, artifact, nbytes
+        self.layer_quant = layer_quant
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        outs = []
+        with torch.no_grad():
+            for b in _batches(len(x), self.batch_size):
+                outs.append(self.model(torch.from_numpy(np.ascontiguousarray(x[b], np.float32))).numpy())
+        return np.concatenate(outs).astype(np.float32)
+
+    def tap_codes(self, x: np.ndarray, layers: list[str]) -> dict[str, np.ndarray]:
+        import torch
+
+        seen: dict[str, list] = {n: [] for n in layers}
+        taps = self.model.taps()
+        hooks = [taps[n].register_forward_hook(lambda m, i, o, n=n: seen[n].append(self._codes(n, o)))
+                 for n in layers if n in taps]
+        try:
+            with torch.no_grad():
+                for b in _batches(len(x), self.batch_size):
+                    self.model(torch.from_numpy(np.ascontiguousarray(x[b], np.float32)))
+        finally:
+            for h in hooks:
+                h.remove()
+        return {n: np.concatenate(v) for n, v in seen.items() if v}
+
+    def _codes(self, layer: str, out) -> np.ndarray:
+        return to_codes(out.numpy(), self.layer_quant[layer])
+
+
+class TeacherRunner(_TorchRunner):
+    """The QAT (fake-quant) teacher, `load_teacher(p).model`: the accuracy reference."""
+
+    def __init__(self, teacher):
+        super().__init__(teacher.model, "pytorch-teacher", teacher.weights_path.name,
+                         _file_bytes(teacher.weights_path), teacher.layer_quant)
+
+
+class StudentRunner(_TorchRunner):
+    """The teacher with the LUT installed at each tap: what every export must reproduce."""
+
+    def __init__(self, teacher, luts: dict[str, LayerLUT]):
+        super().__init__(teacher.student(luts), "pytorch-student", f"{teacher.weights_path.name} + LUT",
+                         _file_bytes(teacher.weights_path), teacher.layer_quant)
+
+
+class Int8TeacherRunner(_TorchRunner):
+    """The teacher converted to real INT8 kernels (`quant.convert_int8`, teacher's backend)."""
+
+    def __init__(self, teacher, backend: str | None = None):
+        from deploy_kit import quant
+
+        backend = backend or teacher.meta.get("backend", "qnnpack")
+        super().__init__(quant.convert_int8(teacher.model, backend), f"pytorch-int8 ({backend})",
+                         teacher.weights_path.name, _file_bytes(teacher.weights_path), teacher.layer_quant)
+
+    def _codes(self, layer: str, out) -> np.ndarray:
+        # quantized tensors: report them in the teacher's code domain like the others
+        return to_codes(out.dequantize().numpy(), self.layer_quant[layer])
+
+
+# ----------------------------------------------------------------------------- onnxruntime
+
+def lut_output_names(proto, layers: list[str]) -> dict[str, str]:
+    """Each layer's LUT output tensor in a rewritten ONNX graph: the outermost `Where` fed by
+    the layer's `<layer>/lut/...` constants (the one no other Where of that layer consumes)."""
+    found = {}
+    for layer in layers:
+        prefix = f"{layer}/lut/"
+        wheres = [n for n in proto.graph.node if n.op_type == "Where" and n.name.startswith(prefix)]
+        consumed = {i for n in wheres for i in n.input}
+        finals = [o for n in wheres for o in n.output if o not in consumed]
+        if len(finals) == 1:
+            found[layer] = finals[0]
+    return found
+
+
+def _ort_options(settings: dict, threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    for key, value in (settings or {}).items():
+        if key == "graph_optimization_level":
+            opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, str(value))
+        elif key in ("intra_op_num_threads", "inter_op_num_threads"):
+            setattr(opts, key, int(value))
+        else:
+            opts.add_session_config_entry(str(key), str(value))
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
+class OrtRunner:
+    """onnxruntime (CPU) on a `.onnx` or ORT-format `.ort` file, with the session options the
+    manifest records for it (e.g. `session.qdqisint8allowed`)."""
+
+    def __init__(self, path: Path, name: str = "onnxruntime", session_options: dict | None = None,
+                 threads: int | None = None, batch_size: int = DEFAULT_BATCH):
+        import onnxruntime as ort
+
+        self.path, self.name, self.artifact, self.bytes = Path(path), name, Path(path).name, _file_bytes(path)
+        self.settings, self.threads = dict(session_options or {}), threads
+        try:
+            self.session = ort.InferenceSession(str(path), _ort_options(self.settings, threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
+            raise ExportError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        dynamic = not isinstance(inp.shape[0], int)
+        self.batch_size = batch_size if dynamic else inp.shape[0]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        outs = [self.session.run(None, {self.input_name: np.ascontiguousarray(x[b], np.float32)})[0]
+                for b in _batches(len(x), self.batch_size)]
+        return np.concatenate(outs).astype(np.float32).reshape(len(x), -1)
+
+    def tap_codes(self, x: np.ndarray, layers: list[str], layer_quant: dict[str, ActivationQuant]) -> dict[str, np.ndarray]:
+        """Codes at each layer's LUT output, read from an in-memory copy of the graph in which
+        those tensors are extra graph outputs (so the optimizer keeps them)."""
+        import onnx
+        import onnxruntime as ort
+
+        if self.path.suffix != ".onnx":
+            raise ConfigError(f"{self.artifact}: layer codes can only be read from a .onnx graph, not {self.path.suffix}")
+        proto = onnx.load(str(self.path))
+        names = lut_output_names(proto, layers)
+        for tensor in names.values():
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+        session = ort.InferenceSession(proto.SerializeToString(), _ort_options(self.settings, self.threads),
+                                       providers=["CPUExecutionProvider"])
+        wanted = list(names.values())
+        seen: dict[str, list] = {n: [] for n in names}
+        for b in _batches(len(x), self.batch_size):
+            values = session.run(wanted, {self.input_name: np.ascontiguousarray(x[b], np.float32)})
+            for layer, v in zip(names, values):
+                seen[layer].append(to_codes(v, layer_quant[layer]))
+        return {n: np.concatenate(v) for n, v in seen.items()}
+
+
+# ----------------------------------------------------------------------------- TFLite / LiteRT
+
+def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero = detail["quantization"]
+    dtype = np.dtype(detail["dtype"])
+    if not np.issubdtype(dtype, np.integer):
+        return x.astype(dtype)
+    if scale == 0:
+        raise ExportError(f"TFLite input {detail['name']!r} is {dtype.name} but carries no quantization scale")
+    info = np.iinfo(dtype)
+    return np.clip(np.rint(x / scale) + zero, info.min, info.max).astype(dtype)
+
+
+def _dequantize(q: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero = detail["quantization"]
+    if not np.issubdtype(np.dtype(detail["dtype"]), np.integer) or scale == 0:
+        return q.astype(np.float32)
+    return (np.float32(scale) * (q.astype(np.float32) - np.float32(zero))).astype(np.float32)
+
+
+def _to_nhwc(x: np.ndarray) -> np.ndarray:
+    """TFLite tensors are NHWC; our inputs are NCHW."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if x.ndim == 4 else x
+
+
+def tflite_lut_tensors(interpreter, layers: list[str]) -> dict[str, int]:
+    """Each layer's LUT output tensor in a TFLite graph: the output of the last SELECT op whose
+    tensors are named after the layer's LUT (`<layer>/lut`)."""
+    tensors = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()  # the only API that exposes op → tensor wiring
+    found = {}
+    for layer in layers:
+        key = f"{layer}/lut"
+        selects = [op for op in ops if op["op_name"].startswith("SELECT")
+                   and any(key in tensors.get(i, "") for i in (*op["inputs"], *op["outputs"]))]
+        if selects:
+            found[layer] = selects[-1]["outputs"][0]
+    return found
+
+
+class LiteRTRunner:
+    """A `.tflite` file in LiteRT (`ai_edge_litert.interpreter.Interpreter`). Batches by resizing
+    the input when the model's batch dimension is dynamic, otherwise loops at its fixed batch."""
+
+    module = "ai_edge_litert.interpreter"
+
+    def __init__(self, path: Path, name: str = "litert", threads: int | None = None,
+                 batch_size: int = DEFAULT_BATCH, preserve_all_tensors: bool = False):
+        import importlib
+
+        Interpreter = importlib.import_module(self.module).Interpreter
+        self.path, self.name, self.artifact, self.bytes = Path(path), name, Path(path).name, _file_bytes(path)
+        try:
+            self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
+                                           experimental_preserve_all_tensors=preserve_all_tensors)
+        except (ValueError, RuntimeError) as exc:
+            raise ExportError(f"{name} cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
+        self.threads, self.preserve = threads, preserve_all_tensors
+        detail = self.interpreter.get_input_details()[0]
+        self.input_index = detail["index"]
+        self.base_shape = list(detail["shape"])
+        dynamic = int(detail.get("shape_signature", detail["shape"])[0]) == -1
+        self.batch_size = batch_size if dynamic else int(self.base_shape[0])
+        self._allocated_batch = None
+
+    def _ensure_batch(self, n: int) -> None:
+        if self._allocated_batch != n:
+            if n != self.base_shape[0] or self._allocated_batch is not None:
+                self.interpreter.resize_tensor_input(self.input_index, [n, *self.base_shape[1:]], strict=True)
+            self.interpreter.allocate_tensors()
+            self._allocated_batch = n
+
+    def _invoke(self, x: np.ndarray) -> None:
+        self._ensure_batch(len(x))
+        detail = self.interpreter.get_input_details()[0]
+        self.interpreter.set_tensor(self.input_index, _quantize(_to_nhwc(x), detail))
+        self.interpreter.invoke()
+
+    def _output(self) -> np.ndarray:
+        detail = self.interpreter.get_output_details()[0]
+        return _dequantize(self.interpreter.get_tensor(detail["index"]), detail)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        outs = []
+        for b in _batches(len(x), self.batch_size):
+            self._invoke(x[b])
+            outs.append(self._output().reshape(b.stop - b.start, -1))
+        return np.concatenate(outs).astype(np.float32)
+
+    def tap_codes(self, x: np.ndarray, layers: list[str], layer_quant: dict[str, ActivationQuant]) -> dict[str, np.ndarray]:
+        """Codes at each layer's LUT output, from a second interpreter that keeps every
+        intermediate tensor (`experimental_preserve_all_tensors`)."""
+        probe = type(self)(self.path, self.name, self.threads, self.batch_size, preserve_all_tensors=True)
+        probe._ensure_batch(min(probe.batch_size, len(x)))
+        indices = tflite_lut_tensors(probe.interpreter, layers)
+        details = {t["index"]: t for t in probe.interpreter.get_tensor_details()}
+        seen: dict[str, list] = {n: [] for n in indices}
+        for b in _batches(len(x), probe.batch_size):
+            probe._invoke(x[b])
+            for layer, idx in indices.items():
+                v = _dequantize(probe.interpreter.get_tensor(idx), details[idx])
+                if v.ndim == 4:
+                    v = v.transpose(0, 3, 1, 2)  # NHWC → NCHW, the student's layout
+                seen[layer].append(to_codes(v, layer_quant[layer]))
+        return {n: np.concatenate(v) for n, v in seen.items()}
+
+
+class TFLiteRuntimeRunner(LiteRTRunner):
+    """The same `.tflite` in `tflite_runtime`, the interpreter many embedded Linux images ship.
+    Optional: it needs numpy < 2 (`pip install 'deploykit[tflite-runtime]'` in its own venv)."""
+
+    module = "tflite_runtime.interpreter"
+
+    def __init__(self, path: Path, name: str = "tflite_runtime", **kwargs):
+        super().__init__(path, name, **kwargs)
+
+
+def tflite_runtime_available() -> bool:
+    try:
+        import tflite_runtime.interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- manifest → runners
+
+@dataclass(frozen=True)
+class Artifact:
+    """One manifest entry, resolved against the exports folder."""
+
+    target: str
+    variant: str
+    path: Path
+    runtime: str
+    sha256: str
+    bytes: int
+    entry: dict
+
+    @property
+    def relpath(self) -> str:
+        return self.entry["path"]
+
+
+def load_manifest(exports_dir: Path) -> dict:
+    path = Path(exports_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ConfigError(f"{path}: no manifest; pass the folder written by `deploykit export` (it holds {MANIFEST_NAME})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); re-run `deploykit export`") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA:
+        found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ConfigError(f"{path}: expected schema {MANIFEST_SCHEMA}, found {found!r}")
+    if not isinstance(manifest.get("artifacts"), list) or not manifest["artifacts"]:
+        raise ConfigError(f"{path}: \"artifacts\" must be a non-empty list; re-run `deploykit export`")
+    return manifest
+
+
+def artifacts(manifest: dict, exports_dir: Path) -> list[Artifact]:
+    out = []
+    for i, e in enumerate(manifest["artifacts"]):
+        missing = [k for k in ("target", "path", "runtime", "sha256") if k not in e]
+        if missing:
+            raise ConfigError(f"{MANIFEST_NAME}: artifact #{i} lacks {', '.join(missing)}")
+        out.append(Artifact(e["target"], e.get("variant", "lut"), Path(exports_dir) / e["path"], e["runtime"],
+                            e["sha256"], int(e.get("bytes", -1)), e))
+    return out
+
+
+def check_hashes(items: list[Artifact]) -> None:
+    """Every artifact must be the file the exporter wrote: a changed file is an error."""
+    for a in items:
+        if not a.path.is_file():
+            raise ExportError(f"{a.path}: missing; the manifest lists it ({a.target}/{a.variant}) — re-run `deploykit export`")
+        digest = sha256_file(a.path)
+        if digest != a.sha256:
+            raise ExportError(f"{a.path}: sha256 {digest[:12]}… does not match the manifest's {a.sha256[:12]}…; "
+                              "the file changed after export — re-run `deploykit export --force`")
+
+
+def runtimes_for(artifact: Artifact) -> list[str]:
+    """The runtimes that load this artifact: the manifest's, plus tflite_runtime for a .tflite
+    file when it is installed."""
+    names = [artifact.runtime]
+    if artifact.runtime == "litert" and tflite_runtime_available():
+        names.append("tflite_runtime")
+    return names
+
+
+def make_runner(entry: dict | Artifact, exports_dir: Path, runtime: str | None = None, threads: int | None = None,
+                batch_size: int = DEFAULT_BATCH):
+    """A runner for one manifest artifact entry (or a resolved `Artifact`)."""
+    art = entry if isinstance(entry, Artifact) else artifacts({"artifacts": [entry]}, exports_dir)[0]
+    runtime = runtime or art.runtime
+    label = runtime if art.target in ("onnx", "tflite") else f"{runtime} ({art.target})"
+    if runtime == "onnxruntime":
+        return OrtRunner(art.path, label, art.entry.get("session_options"), threads, batch_size)
+    if runtime == "litert":
+        return LiteRTRunner(art.path, label, threads, batch_size)
+    if runtime == "tflite_runtime":
+        return TFLiteRuntimeRunner(art.path, label, threads=threads, batch_size=batch_size)
+    raise ConfigError(f"{art.relpath}: unknown runtime {runtime!r}; deploykit runs onnxruntime, litert, tflite_runtime")
+
+
+def manifest_luts(manifest: dict) -> tuple[dict[str, LayerLUT], dict[str, ActivationQuant]]:
+    """The LUT codes and quantization recorded in the manifest (validated like result.json)."""
+    from deploy_kit.result import parse_result
+
+    parsed = parse_result({"model": manifest.get("model", "?"), "layers": manifest.get("layers")}, MANIFEST_NAME)
+    return parsed.layers, parsed.quant
+
+
+def load_manifest_teacher(manifest: dict, exports_dir: Path):
+    """The teacher the manifest was exported from, checked against its recorded sha256."""
+    from deploy_kit.teacher import load_teacher
+
+    ref = manifest.get("teacher") or {}
+    if "path" not in ref:
+        raise ConfigError(f"{MANIFEST_NAME}: no teacher path recorded; re-run `deploykit export`")
+    teacher = load_teacher(Path(exports_dir) / ref["path"], expect_model=manifest.get("model"))
+    if ref.get("sha256") and ref["sha256"] != teacher.sha256:
+        raise ConfigError(f"{MANIFEST_NAME}: exported from teacher sha256 {ref['sha256'][:12]}…, but "
+                          f"{teacher.weights_path} is {teacher.sha256[:12]}…; pass the matching teacher or re-export")
+    return teacher
