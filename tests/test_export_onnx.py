@@ -1,0 +1,99 @@
+"""Teacher → QDQ ONNX and the LUT rewrite: structure, names, validity, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from deploy_kit.errors import ExportError
+from deploy_kit.lut import LayerLUT
+from deploy_kit.teacher import load_teacher
+from deploy_kit.train import TrainConfig, train_teacher
+from exporters import onnx_graph
+
+LUT = LayerLUT(t1=2, v1=4, t2=8, v2=12, tmax=20)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lenet5")
+    train_teacher(TrainConfig(model="lenet5", epochs=1, qat_epochs=1, max_train=256), out)
+    return load_teacher(out)
+
+
+@pytest.fixture(scope="module")
+def relu_graph(teacher):
+    return onnx_graph.check(onnx_graph.teacher_graph(teacher))
+
+
+def _ops(proto):
+    return [n.op_type for n in proto.graph.node]
+
+
+def test_teacher_graph_is_qdq_with_int8_weights(teacher, relu_graph):
+    assert relu_graph.ir_version == onnx_graph.IR_VERSION
+    assert [o.version for o in relu_graph.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert _ops(relu_graph).count("Relu") == len(teacher.layer_quant)
+    inits = {i.name: i for i in relu_graph.graph.initializer}
+    weights = [i for n, i in inits.items() if n.endswith("/weight_quantized")]
+    biases = [i for n, i in inits.items() if n.endswith("/bias_quantized")]
+    assert len(weights) == len(teacher.model.blocks())
+    assert all(w.data_type == onnx.TensorProto.INT8 for w in weights)
+    assert all(b.data_type == onnx.TensorProto.INT32 for b in biases) and biases
+    # no float weight tensor survives: every float initializer is a scale, a bias scale or a LUT constant
+    float_inits = [i for i in inits.values() if i.data_type == onnx.TensorProto.FLOAT]
+    assert all(i.name.endswith(("scale", "/scale")) for i in float_inits), [i.name for i in float_inits]
+    assert [i.name for i in relu_graph.graph.input] == ["input"]
+    assert [o.name for o in relu_graph.graph.output] == ["logits"]
+    assert relu_graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+def test_int8_weights_are_the_qat_codes(teacher, relu_graph):
+    from deploy_kit import quant
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in relu_graph.graph.initializer}
+    codes, scale = quant.weight_quant(teacher.model.blocks()["conv2"])
+    np.testing.assert_array_equal(inits["/features/conv2/op/Conv/weight_quantized"], codes.numpy())
+    np.testing.assert_allclose(inits["/features/conv2/op/Conv/weight_scale"], scale.numpy(), rtol=1e-7)
+
+
+def test_rewrite_listed_layers_only(teacher, relu_graph):
+    listed = ["conv1", "fc1"]
+    lut_graph = onnx_graph.check(onnx_graph.rewrite_activations(relu_graph, {n: LUT for n in listed}, teacher.layer_quant))
+    ops = _ops(lut_graph)
+    assert ops.count("Less") == 3 * len(listed) and ops.count("Where") == 3 * len(listed)
+    assert ops.count("Relu") == len(teacher.layer_quant) - len(listed)
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in lut_graph.graph.initializer}
+    for name in listed:
+        aq = teacher.layer_quant[name]
+        got = [float(consts[f"{name}/lut/{k}"]) for k in ("t1", "t2", "tmax", "v0", "v1", "v2")]
+        np.testing.assert_array_equal(got, [*LUT.thresholds(aq), *LUT.levels(aq)])
+    # Relu nodes still in the graph are exactly the unlisted blocks'
+    relus = {n.name.split("/")[2] for n in lut_graph.graph.node if n.op_type == "Relu"}
+    assert relus == set(teacher.layer_quant) - set(listed)
+
+
+def test_lut_sits_between_dq_and_q(teacher, relu_graph):
+    lut_graph = onnx_graph.rewrite_activations(relu_graph, {"conv2": LUT}, teacher.layer_quant)
+    by_output = {o: n for n in lut_graph.graph.node for o in n.output}
+    users = {}
+    for n in lut_graph.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    less = [n for n in lut_graph.graph.node if n.op_type == "Less"]
+    assert {by_output[n.input[0]].op_type for n in less} == {"DequantizeLinear"}
+    last_where = next(n for n in lut_graph.graph.node if n.name == "conv2/lut/Where_t1")
+    assert [u.op_type for u in users[last_where.output[0]]] == ["QuantizeLinear"]
+
+
+def test_unknown_layer_is_an_error_naming_it(teacher, relu_graph):
+    quant = {**teacher.layer_quant, "conv9": teacher.layer_quant["conv1"]}
+    with pytest.raises(ExportError, match="conv9"):
+        onnx_graph.rewrite_activations(relu_graph, {"conv9": LUT}, quant)
+
+
+def test_metadata_props_round_trip(relu_graph):
+    proto = onnx.ModelProto()
+    proto.CopyFrom(relu_graph)
+    onnx_graph.set_metadata(proto, {"deploykit.model": "lenet5", "deploykit.classes": '["0"]'})
+    assert {p.key: p.value for p in proto.metadata_props}["deploykit.model"] == "lenet5"
