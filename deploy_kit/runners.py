@@ -27,6 +27,14 @@ MANIFEST_SCHEMA = "deploykit-manifest/1"
 DEFAULT_BATCH = 256
 
 
+@dataclass(frozen=True)
+class LayerCodes:
+    """Codes entering and leaving one approximated layer's activation, NCHW (or N×features)."""
+
+    before: np.ndarray | None
+    after: np.ndarray
+
+
 def to_codes(values: np.ndarray, quant: ActivationQuant) -> np.ndarray:
     """Float activations on (or near) the teacher's grid → integer codes."""
     return np.rint(np.asarray(values, np.float64) / quant.scale).astype(np.int64) + quant.zero_point
@@ -39,6 +47,12 @@ def _batches(n: int, size: int):
 
 def _file_bytes(path: Path) -> int:
     return Path(path).stat().st_size
+
+
+def _stack(seen: dict[str, list]) -> dict[str, LayerCodes]:
+    """Per-batch (before, after) pairs → one LayerCodes per layer."""
+    return {n: LayerCodes(np.concatenate([b for b, _ in v]), np.concatenate([a for _, a in v]))
+            for n, v in seen.items() if v}
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -61,12 +75,13 @@ class _TorchRunner:
                 outs.append(self.model(torch.from_numpy(np.ascontiguousarray(x[b], np.float32))).numpy())
         return np.concatenate(outs).astype(np.float32)
 
-    def tap_codes(self, x: np.ndarray, layers: list[str]) -> dict[str, np.ndarray]:
+    def tap_codes(self, x: np.ndarray, layers: list[str]) -> dict[str, LayerCodes]:
         import torch
 
         seen: dict[str, list] = {n: [] for n in layers}
         taps = self.model.taps()
-        hooks = [taps[n].register_forward_hook(lambda m, i, o, n=n: seen[n].append(self._codes(n, o)))
+        hooks = [taps[n].register_forward_hook(
+                     lambda m, i, o, n=n: seen[n].append((self._codes(n, i[0]), self._codes(n, o))))
                  for n in layers if n in taps]
         try:
             with torch.no_grad():
@@ -75,7 +90,7 @@ class _TorchRunner:
         finally:
             for h in hooks:
                 h.remove()
-        return {n: np.concatenate(v) for n, v in seen.items() if v}
+        return _stack(seen)
 
     def _codes(self, layer: str, out) -> np.ndarray:
         return to_codes(out.numpy(), self.layer_quant[layer])
@@ -93,7 +108,7 @@ class StudentRunner(_TorchRunner):
     """The teacher with the LUT installed at each tap: what every export must reproduce."""
 
     def __init__(self, teacher, luts: dict[str, LayerLUT]):
-        super().__init__(teacher.student(luts), "pytorch-student", f"{teacher.weights_path.name} + LUT",
+        super().__init__(teacher.student(luts), "pytorch-student", f"{teacher.weights_path.name}+LUT",
                          _file_bytes(teacher.weights_path), teacher.layer_quant)
 
 
@@ -114,17 +129,20 @@ class Int8TeacherRunner(_TorchRunner):
 
 # ----------------------------------------------------------------------------- onnxruntime
 
-def lut_output_names(proto, layers: list[str]) -> dict[str, str]:
-    """Each layer's LUT output tensor in a rewritten ONNX graph: the outermost `Where` fed by
-    the layer's `<layer>/lut/...` constants (the one no other Where of that layer consumes)."""
+def lut_tensor_names(proto, layers: list[str]) -> dict[str, tuple[str, str]]:
+    """Each layer's LUT (input, output) tensors in a rewritten ONNX graph: the `Less` nodes'
+    data input, and the outermost `Where` (the one no other Where of that layer consumes).
+    The exporter names these nodes `<layer>/lut/...` (exporters/onnx_graph.py)."""
     found = {}
     for layer in layers:
         prefix = f"{layer}/lut/"
-        wheres = [n for n in proto.graph.node if n.op_type == "Where" and n.name.startswith(prefix)]
+        nodes = [n for n in proto.graph.node if n.name.startswith(prefix)]
+        wheres = [n for n in nodes if n.op_type == "Where"]
         consumed = {i for n in wheres for i in n.input}
         finals = [o for n in wheres for o in n.output if o not in consumed]
-        if len(finals) == 1:
-            found[layer] = finals[0]
+        inputs = {n.input[0] for n in nodes if n.op_type == "Less"}
+        if len(finals) == 1 and len(inputs) == 1:
+            found[layer] = (inputs.pop(), finals[0])
     return found
 
 
@@ -169,8 +187,8 @@ class OrtRunner:
                 for b in _batches(len(x), self.batch_size)]
         return np.concatenate(outs).astype(np.float32).reshape(len(x), -1)
 
-    def tap_codes(self, x: np.ndarray, layers: list[str], layer_quant: dict[str, ActivationQuant]) -> dict[str, np.ndarray]:
-        """Codes at each layer's LUT output, read from an in-memory copy of the graph in which
+    def tap_codes(self, x: np.ndarray, layers: list[str], layer_quant: dict[str, ActivationQuant]) -> dict[str, LayerCodes]:
+        """Codes around each layer's LUT, read from an in-memory copy of the graph in which
         those tensors are extra graph outputs (so the optimizer keeps them)."""
         import onnx
         import onnxruntime as ort
@@ -178,18 +196,19 @@ class OrtRunner:
         if self.path.suffix != ".onnx":
             raise ConfigError(f"{self.artifact}: layer codes can only be read from a .onnx graph, not {self.path.suffix}")
         proto = onnx.load(str(self.path))
-        names = lut_output_names(proto, layers)
-        for tensor in names.values():
+        names = lut_tensor_names(proto, layers)
+        wanted = [t for pair in names.values() for t in pair]
+        for tensor in wanted:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
         session = ort.InferenceSession(proto.SerializeToString(), _ort_options(self.settings, self.threads),
                                        providers=["CPUExecutionProvider"])
-        wanted = list(names.values())
         seen: dict[str, list] = {n: [] for n in names}
         for b in _batches(len(x), self.batch_size):
-            values = session.run(wanted, {self.input_name: np.ascontiguousarray(x[b], np.float32)})
-            for layer, v in zip(names, values):
-                seen[layer].append(to_codes(v, layer_quant[layer]))
-        return {n: np.concatenate(v) for n, v in seen.items()}
+            values = iter(session.run(wanted, {self.input_name: np.ascontiguousarray(x[b], np.float32)}))
+            for layer in names:
+                before, after = next(values), next(values)
+                seen[layer].append((to_codes(before, layer_quant[layer]), to_codes(after, layer_quant[layer])))
+        return _stack(seen)
 
 
 # ----------------------------------------------------------------------------- TFLite / LiteRT
@@ -217,18 +236,19 @@ def _to_nhwc(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if x.ndim == 4 else x
 
 
-def tflite_lut_tensors(interpreter, layers: list[str]) -> dict[str, int]:
-    """Each layer's LUT output tensor in a TFLite graph: the output of the last SELECT op whose
-    tensors are named after the layer's LUT (`<layer>/lut`)."""
+def tflite_lut_tensors(interpreter, layers: list[str]) -> dict[str, tuple[int, int]]:
+    """Each layer's LUT (input, output) tensors in a TFLite graph: the data input of its first
+    LESS op and the output of its last SELECT op, found by tensor names that carry `<layer>/lut`."""
     tensors = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()  # the only API that exposes op → tensor wiring
     found = {}
     for layer in layers:
         key = f"{layer}/lut"
-        selects = [op for op in ops if op["op_name"].startswith("SELECT")
-                   and any(key in tensors.get(i, "") for i in (*op["inputs"], *op["outputs"]))]
-        if selects:
-            found[layer] = selects[-1]["outputs"][0]
+        mine = [op for op in ops if any(key in tensors.get(i, "") for i in (*op["inputs"], *op["outputs"]))]
+        less = [op for op in mine if op["op_name"] == "LESS"]
+        selects = [op for op in mine if op["op_name"].startswith("SELECT")]
+        if less and selects:
+            found[layer] = (less[0]["inputs"][0], selects[-1]["outputs"][0])
     return found
 
 
@@ -281,22 +301,23 @@ class LiteRTRunner:
             outs.append(self._output().reshape(b.stop - b.start, -1))
         return np.concatenate(outs).astype(np.float32)
 
-    def tap_codes(self, x: np.ndarray, layers: list[str], layer_quant: dict[str, ActivationQuant]) -> dict[str, np.ndarray]:
-        """Codes at each layer's LUT output, from a second interpreter that keeps every
+    def tap_codes(self, x: np.ndarray, layers: list[str], layer_quant: dict[str, ActivationQuant]) -> dict[str, LayerCodes]:
+        """Codes around each layer's LUT, from a second interpreter that keeps every
         intermediate tensor (`experimental_preserve_all_tensors`)."""
         probe = type(self)(self.path, self.name, self.threads, self.batch_size, preserve_all_tensors=True)
         probe._ensure_batch(min(probe.batch_size, len(x)))
         indices = tflite_lut_tensors(probe.interpreter, layers)
         details = {t["index"]: t for t in probe.interpreter.get_tensor_details()}
         seen: dict[str, list] = {n: [] for n in indices}
+        def codes(idx: int, quant: ActivationQuant) -> np.ndarray:
+            v = _dequantize(probe.interpreter.get_tensor(idx), details[idx])
+            return to_codes(v.transpose(0, 3, 1, 2) if v.ndim == 4 else v, quant)  # NHWC → NCHW
+
         for b in _batches(len(x), probe.batch_size):
             probe._invoke(x[b])
-            for layer, idx in indices.items():
-                v = _dequantize(probe.interpreter.get_tensor(idx), details[idx])
-                if v.ndim == 4:
-                    v = v.transpose(0, 3, 1, 2)  # NHWC → NCHW, the student's layout
-                seen[layer].append(to_codes(v, layer_quant[layer]))
-        return {n: np.concatenate(v) for n, v in seen.items()}
+            for layer, (before, after) in indices.items():
+                seen[layer].append((codes(before, layer_quant[layer]), codes(after, layer_quant[layer])))
+        return _stack(seen)
 
 
 class TFLiteRuntimeRunner(LiteRTRunner):
