@@ -59,6 +59,7 @@ def teacher_graph(teacher) -> onnx.ModelProto:
     model = quant.export_form(teacher.model)
     graph = gs.import_onnx(torch_to_onnx(model, tuple(teacher.meta["input_shape"])))
     _scalar_qdq_params(graph)
+    _requantize_passthrough(graph)
     for name, block in teacher.model.blocks().items():
         _attach_int8_weights(graph, name, block)
     return finish(graph)
@@ -91,6 +92,33 @@ def _scalar_qdq_params(graph: gs.Graph) -> None:
             if scale.size == 1:
                 node.inputs[1] = gs.Constant(f"{node.name}/scale", scale.reshape(()).astype(np.float32))
                 node.inputs[2] = gs.Constant(f"{node.name}/zero_point", zp.reshape(()))
+
+
+def _requantize_passthrough(graph: gs.Graph) -> None:
+    """Close DQ → MaxPool/Flatten with a Q/DQ of the same (s, z), so every Conv/Gemm reads a DQ.
+
+    Max-pooling and flattening on-grid values gives on-grid values, so the extra pair is exact;
+    without it onnxruntime left the Gemm after `MaxPool → Flatten` (and the pool after a LUT) in
+    float instead of fusing them into QGemm / an int8 pool."""
+    graph.toposort()
+    for node in list(graph.nodes):
+        src = node.inputs[0].inputs[0] if node.op in SCALE_PRESERVING and node.inputs and node.inputs[0].inputs else None
+        if src is None or src.op != "DequantizeLinear":
+            continue
+        out = node.outputs[0]
+        if out.outputs and all(u.op == "QuantizeLinear" for u in out.outputs):
+            continue
+        scale, zp = src.inputs[1], src.inputs[2]
+        codes = gs.Variable(f"{node.name}/requant/codes", dtype=_const_values(zp).dtype)
+        value = gs.Variable(f"{node.name}/requant/output", dtype=np.float32)
+        users = list(out.outputs)
+        for user in users:
+            user.inputs[user.inputs.index(out)] = value
+        if out in graph.outputs:
+            continue  # never happens in the zoo: graph outputs come from the logits Q/DQ
+        graph.nodes.append(gs.Node("QuantizeLinear", f"{node.name}/requant/QuantizeLinear", inputs=[out, scale, zp], outputs=[codes]))
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{node.name}/requant/DequantizeLinear", inputs=[codes, scale, zp], outputs=[value]))
+    graph.toposort()
 
 
 def _block_node(graph: gs.Graph, name: str, ops: tuple[str, ...]) -> gs.Node | None:

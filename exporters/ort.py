@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import shutil
 import tempfile
 from collections import Counter
@@ -28,6 +29,8 @@ SESSION_OPTIONS: dict[str, str] = {}
 
 def _convert(onnx_path: Path, work: Path) -> tuple[Path, Path, Path]:
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # "Created config in <tmp>"
 
     src = work / "model.onnx"
     shutil.copyfile(onnx_path, src)

@@ -1,0 +1,148 @@
+"""The convert stage as a plain Python API: result.json + teacher → exports folder.
+
+    summary = export(ExportConfig(result_path=Path("runs/x/result.json"), targets=("all",)))
+
+Both variants are exported: the LUT graph (what the search chose) at the top of the folder,
+and the plain-ReLU teacher under `relu/` (bench compares the two). For each variant the
+rewritten `model.onnx` is written first — it is the source every other target converts — then
+each target in registry order. Everything is built in a temp folder and swapped in at the end
+(`fsutil.atomic_dir`), so a failed export leaves the previous one untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from deploy_kit.errors import ConfigError, ExportError
+from deploy_kit.fsutil import atomic_dir, check_writable, write_json
+from deploy_kit.lut import LayerLUT
+from deploy_kit.result import SearchResult, check_against_teacher, load_result
+from deploy_kit.teacher import Teacher, load_teacher
+
+IO_CHOICES = ("int8", "float")
+EXPORTS_DIRNAME = "exports"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    result_path: Path
+    teacher_path: Path | None = None  # default: the result's `teacher.path`
+    targets: tuple[str, ...] = ("all",)
+    io: str = "int8"  # TFLite input/output type; ONNX/ORT I/O is always float
+    out: Path | None = None  # default: <folder of result.json>/exports
+    force: bool = False
+    calibration_images: int = 256  # train-split images the TFLite converter calibrates on
+    calibration_seed: int | None = None  # default: the teacher's seed
+
+    def __post_init__(self):
+        if self.io not in IO_CHOICES:
+            raise ConfigError(f"--io must be one of {', '.join(IO_CHOICES)}, got {self.io!r}")
+        if self.calibration_images < 1:
+            raise ConfigError(f"calibration_images must be >= 1, got {self.calibration_images}")
+        from exporters.registry import resolve
+
+        resolve(self.targets)  # unknown target names fail here, before any work
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.result_path).parent / EXPORTS_DIRNAME
+
+
+def resolve_teacher(result: SearchResult, teacher_path: Path | None) -> Teacher:
+    """--teacher wins; else result.json's `teacher.path`, relative to the result file."""
+    if teacher_path is None:
+        recorded = result.teacher.get("path")
+        if not recorded:
+            raise ConfigError(f"{result.path.name}: names no teacher checkpoint; pass --teacher RUN_FOLDER")
+        teacher_path = Path(recorded) if Path(recorded).is_absolute() else result.path.parent / recorded
+    return load_teacher(Path(teacher_path))
+
+
+def calibration_set(teacher: Teacher, count: int, seed: int) -> tuple[np.ndarray, dict]:
+    """A seeded sample of normalized train-split images (NCHW float32), and its record."""
+    from deploy_kit.data import load_dataset, normalize
+
+    train = load_dataset(teacher.meta["data"], teacher.meta["seed"]).split("train")
+    pick = np.sort(np.random.default_rng(seed).choice(len(train), size=min(count, len(train)), replace=False))
+    record = {"split": "train", "images": int(len(pick)), "seed": seed}
+    return normalize(train.images[pick], teacher.norm), record
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    """Unwritable or occupied outputs fail before any conversion work."""
+    check_writable(out, force)
+    parent = out.resolve().parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise ConfigError(f"cannot create {out}: {existing} is not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to {existing}: permission denied; choose another --out")
+
+
+def _onnx_variant(teacher: Teacher, luts: dict[str, LayerLUT], layer_quant, metadata: dict[str, str]):
+    from exporters import onnx_graph
+
+    proto = onnx_graph.teacher_graph(teacher)
+    if luts:
+        proto = onnx_graph.rewrite_activations(proto, luts, layer_quant)
+    proto = onnx_graph.check(proto)
+    onnx_graph.set_metadata(proto, metadata)
+    return proto
+
+
+def _run_target(target, onnx_path: Path, out_path: Path, options: dict) -> dict:
+    try:
+        export_fn = target.exporter()
+    except ImportError as exc:
+        raise ExportError(f"target {target.name} is not available here ({exc}); choose another --target") from None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    return export_fn(onnx_path, out_path, **options)
+
+
+def export(cfg: ExportConfig, progress: Callable[[str], None] = lambda _msg: None) -> dict:
+    """Run the convert stage; returns {"out", "artifacts": [...manifest entries], "seconds"}."""
+    from exporters import manifest as mf
+    from exporters import onnx_graph
+    from exporters.registry import TARGETS, resolve
+
+    start = time.perf_counter()
+    targets = resolve(cfg.targets)
+    result = load_result(cfg.result_path)
+    teacher = resolve_teacher(result, cfg.teacher_path)
+    lut_quant = check_against_teacher(result, teacher)
+    out = cfg.out_dir
+    _check_out_dir(out, cfg.force)
+
+    seed = teacher.meta["seed"] if cfg.calibration_seed is None else cfg.calibration_seed
+    calibration, calib_record = (calibration_set(teacher, cfg.calibration_images, seed)
+                                 if any(t.name == "tflite" for t in targets) else (None, None))
+    base = mf.base_manifest(teacher, result, result.layers, lut_quant, out, cfg.io, calib_record)
+    options = {"io": cfg.io, "calibration": calibration, "layer_quant": teacher.layer_quant}
+    # The ONNX graph is the source of every target, so it is always written and listed.
+    steps = [TARGETS["onnx"]] + [t for t in targets if t.name != "onnx"]
+    try:
+        with atomic_dir(out, cfg.force) as tmp:
+            for variant, luts in (("lut", result.layers), ("relu", {})):
+                proto = _onnx_variant(teacher, luts, lut_quant, mf.onnx_metadata(base, variant))
+                onnx_path = tmp / TARGETS["onnx"].path(variant)
+                onnx_path.parent.mkdir(parents=True, exist_ok=True)
+                onnx_graph.save(proto, onnx_path)
+                for target in steps:
+                    t0 = time.perf_counter()
+                    rel = target.path(variant)
+                    details = _run_target(target, onnx_path, tmp / rel, options)
+                    entry = mf.artifact_entry(target, variant, rel, tmp / rel, details)
+                    entry["export_seconds"] = round(time.perf_counter() - t0, 3)
+                    base["artifacts"].append(entry)
+                    progress(f"  {target.name:<7}{variant:<5} {rel:<24} {entry['bytes']:>10,} B  {entry['export_seconds']:.1f}s")
+            write_json(tmp / mf.MANIFEST_NAME, base)
+    except PermissionError as exc:
+        raise ConfigError(f"cannot write {out}: {exc.strerror}; choose another --out") from None
+    seconds = round(time.perf_counter() - start, 2)
+    return {"out": str(out), "artifacts": base["artifacts"], "seconds": seconds}

@@ -1,0 +1,93 @@
+"""`manifest.json` (docs/ARTIFACTS.md, schema deploykit-manifest/1) and the same metadata inside
+the ONNX graph (`metadata_props`), so a file copied away from its folder still says what it is.
+
+Paths in the manifest are relative to the manifest's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata as pkg_metadata
+from pathlib import Path
+
+import onnx
+
+from deploy_kit.fsutil import sha256_file
+from deploy_kit.lut import ActivationQuant, LayerLUT
+
+SCHEMA = "deploykit-manifest/1"
+MANIFEST_NAME = "manifest.json"
+METADATA_PREFIX = "deploykit."
+TOOLS = {"torch": "torch", "onnx": "onnx", "onnxruntime": "onnxruntime", "onnx_graphsurgeon": "onnx-graphsurgeon",
+         "tensorflow": "tensorflow-cpu", "ai_edge_litert": "ai-edge-litert", "numpy": "numpy", "deploykit": "deploykit"}
+
+
+def tool_versions() -> dict[str, str | None]:
+    """Installed versions, read from package metadata (importing TensorFlow just for this is slow)."""
+    out = {}
+    for name, dist in TOOLS.items():
+        try:
+            out[name] = pkg_metadata.version(dist)
+        except pkg_metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def preprocessing(teacher) -> dict:
+    c, h, w = teacher.meta["input_shape"]
+    norm = teacher.meta["normalization"]
+    return {"height": h, "width": w, "channels": c, "scale": norm["scale"], "mean": norm["mean"], "std": norm["std"]}
+
+
+def _relative(path: Path, folder: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), Path(folder).resolve())).as_posix()
+
+
+def layers_entry(luts: dict[str, LayerLUT], layer_quant: dict[str, ActivationQuant]) -> dict:
+    return {n: {**lut.to_json(), **layer_quant[n].to_dict()} for n, lut in luts.items()}
+
+
+def base_manifest(teacher, result, luts: dict[str, LayerLUT], layer_quant: dict[str, ActivationQuant],
+                  out_dir: Path, io: str, calibration: dict | None) -> dict:
+    """Everything but the artifacts: what the exports were made from and how to feed them."""
+    sidecar = teacher.weights_path.with_name("teacher.json")
+    return {
+        "schema": SCHEMA, "model": teacher.arch, "width": teacher.meta.get("width"), "data": teacher.meta["data"],
+        "seed": teacher.meta["seed"], "classes": list(teacher.meta["classes"]), "preprocessing": preprocessing(teacher),
+        "input_quant": teacher.meta.get("input_quant"), "output_quant": teacher.meta.get("output_quant"),
+        "teacher": {"path": _relative(sidecar, out_dir), "sha256": teacher.sha256},
+        "result": {"path": _relative(result.path, out_dir), "sha256": sha256_file(result.path)},
+        "layers": layers_entry(luts, layer_quant), "io": io, "calibration": calibration, "tools": tool_versions(),
+        "artifacts": [],
+    }
+
+
+def artifact_entry(target, variant: str, rel_path: str, file: Path, details: dict) -> dict:
+    return {"target": target.name, "variant": variant, "path": rel_path, "bytes": file.stat().st_size,
+            "sha256": sha256_file(file), "runtime": target.runtime, **details}
+
+
+def onnx_metadata(base: dict, variant: str) -> dict[str, str]:
+    """The manifest's metadata as `metadata_props` (string values; JSON for structures)."""
+    keys = ("schema", "model", "width", "data", "seed", "classes", "preprocessing", "input_quant", "output_quant",
+            "layers", "tools")
+    props = {f"{METADATA_PREFIX}{k}": v if isinstance(v, str) else json.dumps(base[k]) for k, v in
+             ((k, base[k]) for k in keys)}
+    props[f"{METADATA_PREFIX}teacher_sha256"] = base["teacher"]["sha256"]
+    props[f"{METADATA_PREFIX}result_sha256"] = base["result"]["sha256"]
+    props[f"{METADATA_PREFIX}variant"] = variant
+    return props
+
+
+def read_onnx_metadata(onnx_path: Path) -> dict:
+    """The metadata of an exported ONNX file, decoded (what other targets embed too)."""
+    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    out = {}
+    for key, value in props.items():
+        if key.startswith(METADATA_PREFIX):
+            try:
+                out[key[len(METADATA_PREFIX):]] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key[len(METADATA_PREFIX):]] = value
+    return out
