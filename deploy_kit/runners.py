@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from deploy_kit.errors import ConfigError, ExportError
 from deploy_kit.fsutil import sha256_file
-from deploy_kit.lut import ActivationQuant, LayerLUT
+
+if TYPE_CHECKING:  # deploy_kit.lut imports torch; the ORT/LiteRT runners must not pay for it
+    from deploy_kit.lut import ActivationQuant, LayerLUT
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "deploykit-manifest/1"

@@ -1,0 +1,263 @@
+"""`bench`: size, latency, throughput and memory of every export, LUT vs plain ReLU.
+
+Each artifact runs in the same runner `verify` uses, so what is timed is what was verified.
+Measurements, per (runtime, artifact):
+
+  latency      batch 1, `warmup` untimed runs, then `repeats` timed runs: p50 and p90 in ms
+  throughput   batch 32 (looped at batch 1 by a fixed-size model), images/s over `repeats32` runs
+  peak memory  growth of peak RSS (VmHWM) over the RSS just before the model is loaded: model,
+               arenas and both workloads. Linux only (None elsewhere).
+
+Every artifact is measured in a fresh Python process: in one long process, memory freed by the
+previous runner is reused by the next one (its RSS growth reads as ~0), and allocator and
+thread-pool state would carry over into the timings.
+  size         the artifact's bytes
+
+The LUT's cost is the ratio of the LUT variant to the ReLU variant of the same target.
+Inputs are real test images (normalized), not zeros: the LUT's `Where` costs do not depend
+on the values, but the int8 kernels' saturation paths might.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from deploy_kit import runners as rn
+from deploy_kit.data import load_dataset, normalize
+from deploy_kit.errors import ConfigError
+from deploy_kit.fsutil import atomic_path, write_json
+
+BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
+SCHEMA = "deploykit-bench/1"
+THROUGHPUT_BATCH = 32
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    exports: Path
+    warmup: int = 20
+    repeats: int = 200
+    repeats32: int = 20
+    threads: int = 1  # one thread: comparable across runtimes, and what a phone core sees
+    seed: int = 0  # which test images feed the timed runs
+
+    def __post_init__(self):
+        if self.warmup < 0 or self.repeats < 1 or self.repeats32 < 1:
+            raise ConfigError(f"need --warmup >= 0 and --repeats >= 1, got {self.warmup}, {self.repeats}")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+
+
+@dataclass
+class BenchRow:
+    runtime: str
+    target: str
+    variant: str
+    artifact: str
+    bytes: int
+    latency_ms_p50: float
+    latency_ms_p90: float
+    throughput_ips: float
+    peak_rss_mb: float | None
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Writing 5 to clear_refs resets VmHWM to the current RSS (Linux ≥ 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakRSS:
+    """Peak RSS growth (MiB) over the `with` block, from the kernel's own high-water mark."""
+
+    def __enter__(self):
+        gc.collect()
+        self.base = _status_kib("VmRSS")
+        self.ok = self.base is not None and _reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc):
+        peak = _status_kib("VmHWM") if self.ok else None
+        self.mb = None if peak is None else round(max(peak - self.base, 0) / 1024, 2)
+        return False
+
+
+# ----------------------------------------------------------------------------- timing
+
+def latency_ms(runner, x1: np.ndarray, warmup: int, repeats: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        runner.predict(x1)
+    times = np.empty(repeats)
+    for i in range(repeats):
+        start = time.perf_counter()
+        runner.predict(x1)
+        times[i] = time.perf_counter() - start
+    return round(float(np.percentile(times, 50)) * 1e3, 4), round(float(np.percentile(times, 90)) * 1e3, 4)
+
+
+def throughput(runner, x32: np.ndarray, repeats: int) -> float:
+    runner.predict(x32)  # warm-up at this batch size (a resize or a new arena happens here)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        runner.predict(x32)
+    return round(len(x32) * repeats / (time.perf_counter() - start), 1)
+
+
+RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "litert": "ai_edge_litert.interpreter",
+                   "tflite_runtime": "tflite_runtime.interpreter"}
+
+
+def measure(entry: dict, exports: Path, runtime: str, cfg: BenchConfig, x32: np.ndarray) -> dict:
+    """Load one artifact and time it, in this process. The runtime is imported before the
+    memory baseline: its code is shared by every model, the model's own cost is what we report."""
+    import importlib
+
+    importlib.import_module(RUNTIME_MODULES.get(runtime, "numpy"))
+    with PeakRSS() as mem:
+        runner = rn.make_runner(entry, exports, runtime=runtime, threads=cfg.threads, batch_size=THROUGHPUT_BATCH)
+        p50, p90 = latency_ms(runner, x32[:1], cfg.warmup, cfg.repeats)
+        ips = throughput(runner, x32, cfg.repeats32)
+    return {"runtime": runner.name, "latency_ms_p50": p50, "latency_ms_p90": p90, "throughput_ips": ips,
+            "peak_rss_mb": mem.mb}
+
+
+def bench_artifact(art: rn.Artifact, runtime: str, exports: Path, cfg: BenchConfig, inputs: Path) -> BenchRow:
+    """`measure` in a fresh interpreter (`python -m deploy_kit.bench JOB_JSON`)."""
+    job = {"entry": art.entry, "exports": str(exports), "runtime": runtime, "inputs": str(inputs),
+           "config": {k: v for k, v in asdict(cfg).items() if k != "exports"}}
+    done = subprocess.run([sys.executable, "-m", "deploy_kit.bench", json.dumps(job)], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"bench of {art.relpath} in {runtime} failed: {last}")
+    m = json.loads(done.stdout.strip().splitlines()[-1])
+    return BenchRow(m["runtime"], art.target, art.variant, art.relpath, art.path.stat().st_size,
+                    m["latency_ms_p50"], m["latency_ms_p90"], m["throughput_ips"], m["peak_rss_mb"])
+
+
+def _worker(job_json: str) -> None:
+    job = json.loads(job_json)
+    cfg = BenchConfig(exports=Path(job["exports"]), **job["config"])
+    x32 = np.load(job["inputs"], allow_pickle=False)
+    print(json.dumps(measure(job["entry"], Path(job["exports"]), job["runtime"], cfg, x32)))
+
+
+# ----------------------------------------------------------------------------- ratios and rendering
+
+def lut_ratios(rows: list[BenchRow]) -> list[dict]:
+    """LUT / ReLU for each (runtime, target): the cost of the approximation."""
+    relu = {(r.runtime, r.target): r for r in rows if r.variant == "relu"}
+    out = []
+    for r in rows:
+        base = relu.get((r.runtime, r.target))
+        if r.variant == "lut" and base is not None:
+            out.append({"runtime": r.runtime, "target": r.target,
+                        "latency_p50": round(r.latency_ms_p50 / base.latency_ms_p50, 3),
+                        "throughput": round(r.throughput_ips / base.throughput_ips, 3),
+                        "bytes": round(r.bytes / base.bytes, 3)})
+    return out
+
+
+def cross_ratios(rows: list[BenchRow]) -> list[dict]:
+    """Each target's p50 latency relative to model.onnx in onnxruntime, per variant."""
+    out = []
+    for variant in ("lut", "relu"):
+        base = next((r for r in rows if r.variant == variant and r.target == "onnx" and r.runtime == "onnxruntime"), None)
+        if base is None:
+            continue
+        for r in rows:
+            if r.variant == variant and r is not base:
+                out.append({"variant": variant, "runtime": r.runtime, "target": r.target, "vs": "onnx/onnxruntime",
+                            "latency_p50": round(r.latency_ms_p50 / base.latency_ms_p50, 3),
+                            "throughput": round(r.throughput_ips / base.throughput_ips, 3)})
+    return out
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"# bench: {report['model']} ({report['data']})", "",
+             f"{s['threads']} thread(s); latency at batch 1 after {s['warmup']} warm-up runs, {s['repeats']} timed; "
+             f"throughput at batch {THROUGHPUT_BATCH} over {s['repeats32']} runs. Peak memory: growth of the process's "
+             "peak RSS while loading and running that artifact. Machine: " + report["machine"], "",
+             "| runtime | variant | artifact | size (B) | p50 ms | p90 ms | img/s @32 | peak RSS MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        mem = "—" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.1f}"
+        lines.append(f"| {r['runtime']} | {r['variant']} | {r['artifact']} | {r['bytes']:,} | {r['latency_ms_p50']:.3f} | "
+                     f"{r['latency_ms_p90']:.3f} | {r['throughput_ips']:,.0f} | {mem} |")
+    lines += ["", "LUT / ReLU (same runtime and target):", "", "| runtime | target | latency p50 | throughput | size |",
+              "|---|---|---:|---:|---:|"]
+    for q in report["lut_over_relu"]:
+        lines.append(f"| {q['runtime']} | {q['target']} | {q['latency_p50']:.3f} | {q['throughput']:.3f} | {q['bytes']:.3f} |")
+    if report["vs_onnx"]:
+        lines += ["", "Relative to model.onnx in onnxruntime (same variant):", "",
+                  "| variant | runtime | target | latency p50 | throughput |", "|---|---|---|---:|---:|"]
+        for q in report["vs_onnx"]:
+            lines.append(f"| {q['variant']} | {q['runtime']} | {q['target']} | {q['latency_p50']:.3f} | {q['throughput']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the command
+
+def bench_exports(cfg: BenchConfig, progress: bool = True) -> dict:
+    """Bench every runtime of every artifact (hash-checked first); writes bench.json and
+    bench.md next to the manifest (replaced on each run: they record the latest bench)."""
+    from tqdm import tqdm
+
+    from deploy_kit.verify import ordered
+
+    exports = Path(cfg.exports)
+    manifest = rn.load_manifest(exports)
+    items = ordered(rn.artifacts(manifest, exports))
+    rn.check_hashes(items)
+    teacher = rn.load_manifest_teacher(manifest, exports)
+    test = load_dataset(manifest.get("data") or teacher.meta["data"], seed=int(manifest.get("seed", 0))).split("test")
+    pick = np.random.default_rng(cfg.seed).choice(len(test), size=min(THROUGHPUT_BATCH, len(test)), replace=False)
+    x32 = normalize(test.images[np.sort(pick)], teacher.norm)
+    x32 = np.concatenate([x32] * -(-THROUGHPUT_BATCH // len(x32)))[:THROUGHPUT_BATCH]
+
+    jobs = [(a, runtime) for a in items for runtime in rn.runtimes_for(a)]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="deploykit-bench-") as tmp:
+        inputs = Path(tmp) / "x32.npy"
+        np.save(inputs, x32)
+        for art, runtime in tqdm(jobs, desc="bench", unit="runtime", disable=None if progress else True, leave=False):
+            rows.append(bench_artifact(art, runtime, exports, cfg, inputs))
+    report = {"schema": SCHEMA, "model": manifest.get("model"), "data": manifest.get("data"),
+              "settings": {**asdict(cfg), "exports": str(exports), "throughput_batch": THROUGHPUT_BATCH},
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
+                         f"{platform.python_version()}",
+              "rows": [asdict(r) for r in rows], "lut_over_relu": lut_ratios(rows), "vs_onnx": cross_ratios(rows)}
+    write_json(exports / BENCH_JSON, report)
+    with atomic_path(exports / BENCH_MD) as tmp:
+        tmp.write_text(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

@@ -1,0 +1,38 @@
+"""`deploykit bench`: size, latency, throughput and memory of every export, LUT vs ReLU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from deploy_kit.cli import emit, handle_errors, json_option, say
+
+
+@click.command("bench")
+@click.option("--exports", type=click.Path(path_type=Path), required=True,
+              help="The folder written by `deploykit export` (holds manifest.json).")
+@click.option("--warmup", default=20, show_default=True, help="Untimed batch-1 runs before timing.")
+@click.option("--repeats", default=200, show_default=True, help="Timed batch-1 runs (p50/p90 over these).")
+@click.option("--repeats32", default=20, show_default=True, help="Timed batch-32 runs for throughput.")
+@click.option("--threads", default=1, show_default=True, help="Threads per runtime.")
+@click.option("--seed", default=0, show_default=True, help="Chooses the test images fed to the timed runs.")
+@json_option
+@handle_errors
+def command(exports, warmup, repeats, repeats32, threads, seed, as_json):
+    """Batch-1 latency p50/p90 after warm-up, throughput at batch 32, peak memory and size, per
+    runtime, for the LUT model and the plain-ReLU model; writes bench.json and bench.md next
+    to manifest.json.
+
+    \b
+    Example:
+      deploykit bench --exports runs/lenet5/exports
+    """
+    from deploy_kit.bench import BENCH_MD, BenchConfig, bench_exports
+
+    report = bench_exports(BenchConfig(exports=exports, warmup=warmup, repeats=repeats, repeats32=repeats32,
+                                       threads=threads, seed=seed))
+    say((Path(exports) / BENCH_MD).read_text().rstrip())
+    say(f"→ {Path(exports) / 'bench.json'}, {Path(exports) / BENCH_MD}")
+    keys = ("runtime", "variant", "latency_ms_p50", "latency_ms_p90", "throughput_ips", "bytes")
+    emit({"rows": [{k: r[k] for k in keys} for r in report["rows"]]})
