@@ -9,17 +9,14 @@ import pytest
 from deploy_kit.errors import ExportError
 from deploy_kit.lut import LayerLUT
 from deploy_kit.teacher import load_teacher
-from deploy_kit.train import TrainConfig, train_teacher
 from exporters import onnx_graph
 
 LUT = LayerLUT(t1=2, v1=4, t2=8, v2=12, tmax=20)
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lenet5")
-    train_teacher(TrainConfig(model="lenet5", epochs=1, qat_epochs=1, max_train=256), out)
-    return load_teacher(out)
+def teacher(lenet_teacher):
+    return load_teacher(lenet_teacher)
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +94,22 @@ def test_metadata_props_round_trip(relu_graph):
     proto.CopyFrom(relu_graph)
     onnx_graph.set_metadata(proto, {"deploykit.model": "lenet5", "deploykit.classes": '["0"]'})
     assert {p.key: p.value for p in proto.metadata_props}["deploykit.model"] == "lenet5"
+
+
+def test_unexpected_activation_pattern_is_an_error(teacher, relu_graph):
+    """A Relu that does not feed a QuantizeLinear (not a QAT graph) cannot be rewritten."""
+    import onnx_graphsurgeon as gs
+    graph = gs.import_onnx(relu_graph)
+    q = next(n for n in graph.nodes if n.name == "/features/conv2/activation_post_process/QuantizeLinear")
+    relu = q.inputs[0].inputs[0]
+    q.inputs[0] = relu.inputs[0]  # Conv → Q directly; the Relu now feeds nothing
+    with pytest.raises(ExportError, match="conv2"):
+        onnx_graph.rewrite_activations(gs.export_onnx(graph), {"conv2": LUT}, teacher.layer_quant)
+
+
+def test_every_conv_and_gemm_reads_a_dequantized_tensor(relu_graph):
+    """The Q/DQ form onnxruntime fuses into QLinearConv/QGemm: DQ feeds every data input."""
+    producer = {o: n for n in relu_graph.graph.node for o in n.output}
+    for node in relu_graph.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            assert [producer[i].op_type for i in node.input] == ["DequantizeLinear"] * len(node.input), node.name
