@@ -1,0 +1,57 @@
+"""`deploykit bench` on real ONNX/ORT exports of a small LeNet-5 (few repeats: the numbers are
+not asserted, only that every artifact is measured and the report is complete)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from deploy_kit.bench import BenchRow, lut_ratios
+from deploy_kit.cli import main
+from deploy_kit.export import ExportConfig, export
+from deploy_kit.fsutil import write_json
+from deploy_kit.teacher import load_teacher
+
+CODES = {"t1_code": 2, "v1_code": 5, "t2_code": 9, "v2_code": 14, "tmax_code": 24}
+
+
+@pytest.fixture(scope="module")
+def exports(lenet_teacher, tmp_path_factory):
+    run = tmp_path_factory.mktemp("bench_run")
+    for f in lenet_teacher.iterdir():
+        shutil.copy(f, run / f.name)
+    teacher = load_teacher(run)
+    write_json(run / "result.json", {"model": teacher.arch, "layers": {n: dict(CODES) for n in teacher.layer_quant},
+                                     "teacher": {"path": ".", "sha256": teacher.sha256}})
+    export(ExportConfig(result_path=run / "result.json", targets=("onnx", "ort")))
+    return run / "exports"
+
+
+@pytest.mark.slow  # one fresh process per artifact
+def test_bench_measures_every_artifact_for_both_variants(exports):
+    result = CliRunner().invoke(main, ["bench", "--exports", str(exports), "--warmup", "2", "--repeats", "5",
+                                       "--repeats32", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {(r["runtime"], r["variant"]) for r in summary["rows"]} == {
+        ("onnxruntime", "lut"), ("onnxruntime", "relu"), ("onnxruntime (ort)", "lut"), ("onnxruntime (ort)", "relu")}
+    for r in summary["rows"]:
+        assert set(r) == {"runtime", "variant", "latency_ms_p50", "latency_ms_p90", "throughput_ips", "bytes"}
+        assert 0 < r["latency_ms_p50"] <= r["latency_ms_p90"] and r["throughput_ips"] > 0
+    saved = json.loads((exports / "bench.json").read_text())
+    assert {q["target"] for q in saved["lut_over_relu"]} == {"onnx", "ort"}
+    assert all(r["peak_rss_mb"] is None or r["peak_rss_mb"] >= 0 for r in saved["rows"])
+    table = (exports / "bench.md").read_text()
+    assert "| onnxruntime (ort) | lut | model.ort |" in table and "LUT / ReLU" in table
+
+
+def test_lut_ratio_pairs_each_target_with_its_relu_twin():
+    def row(target, variant, p50, ips, nbytes):
+        return BenchRow("onnxruntime", target, variant, f"{variant}/{target}", nbytes, p50, p50, ips, None)
+
+    rows = [row("onnx", "lut", 1.2, 800, 110), row("onnx", "relu", 1.0, 1000, 100), row("ort", "lut", 2.0, 10, 1)]
+    assert lut_ratios(rows) == [{"runtime": "onnxruntime", "target": "onnx", "latency_p50": 1.2,
+                                 "throughput": 0.8, "bytes": 1.1}]
