@@ -85,15 +85,13 @@ def _check_out_dir(out: Path, force: bool) -> None:
         raise ConfigError(f"cannot write to {existing}: permission denied; choose another --out")
 
 
-def _onnx_variant(teacher: Teacher, luts: dict[str, LayerLUT], layer_quant, metadata: dict[str, str]):
+def _onnx_variants(teacher: Teacher, luts: dict[str, LayerLUT], layer_quant) -> dict:
+    """{"lut": rewritten graph, "relu": plain teacher graph}, both checked."""
     from exporters import onnx_graph
 
-    proto = onnx_graph.teacher_graph(teacher)
-    if luts:
-        proto = onnx_graph.rewrite_activations(proto, luts, layer_quant)
-    proto = onnx_graph.check(proto)
-    onnx_graph.set_metadata(proto, metadata)
-    return proto
+    relu = onnx_graph.teacher_graph(teacher)
+    lut = onnx_graph.rewrite_activations(relu, luts, layer_quant)
+    return {"lut": onnx_graph.check(lut), "relu": onnx_graph.check(relu)}
 
 
 def _run_target(target, onnx_path: Path, out_path: Path, options: dict) -> dict:
@@ -123,13 +121,14 @@ def export(cfg: ExportConfig, progress: Callable[[str], None] = lambda _msg: Non
     calibration, calib_record = (calibration_set(teacher, cfg.calibration_images, seed)
                                  if any(t.name == "tflite" for t in targets) else (None, None))
     base = mf.base_manifest(teacher, result, result.layers, lut_quant, out, cfg.io, calib_record)
+    base["reference"] = {"float_onnx_bytes": onnx_graph.float_graph(teacher).ByteSize()}
     options = {"io": cfg.io, "calibration": calibration, "layer_quant": teacher.layer_quant}
     # The ONNX graph is the source of every target, so it is always written and listed.
     steps = [TARGETS["onnx"]] + [t for t in targets if t.name != "onnx"]
     try:
         with atomic_dir(out, cfg.force) as tmp:
-            for variant, luts in (("lut", result.layers), ("relu", {})):
-                proto = _onnx_variant(teacher, luts, lut_quant, mf.onnx_metadata(base, variant))
+            for variant, proto in _onnx_variants(teacher, result.layers, lut_quant).items():
+                onnx_graph.set_metadata(proto, mf.onnx_metadata(base, variant))
                 onnx_path = tmp / TARGETS["onnx"].path(variant)
                 onnx_path.parent.mkdir(parents=True, exist_ok=True)
                 onnx_graph.save(proto, onnx_path)

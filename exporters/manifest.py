@@ -77,6 +77,8 @@ def onnx_metadata(base: dict, variant: str) -> dict[str, str]:
     props[f"{METADATA_PREFIX}teacher_sha256"] = base["teacher"]["sha256"]
     props[f"{METADATA_PREFIX}result_sha256"] = base["result"]["sha256"]
     props[f"{METADATA_PREFIX}variant"] = variant
+    if variant == "relu":  # the plain teacher: no layer is approximated in this file
+        props[f"{METADATA_PREFIX}layers"] = "{}"
     return props
 
 

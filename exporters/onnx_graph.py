@@ -65,6 +65,16 @@ def teacher_graph(teacher) -> onnx.ModelProto:
     return finish(graph)
 
 
+def float_graph(teacher) -> onnx.ModelProto:
+    """The same network entirely in float (no Q/DQ, float32 weights): the size baseline the
+    INT8 exports are compared with."""
+    model = quant.export_form(teacher.model)
+    for module in model.modules():
+        if hasattr(module, "disable_fake_quant"):  # FakeQuantize: traced as identity when disabled
+            module.disable_fake_quant()
+    return finish(gs.import_onnx(torch_to_onnx(model, tuple(teacher.meta["input_shape"]))))
+
+
 def finish(graph: gs.Graph) -> onnx.ModelProto:
     graph.cleanup().toposort()
     proto = gs.export_onnx(graph)
@@ -213,6 +223,10 @@ def _lut_chain(graph: gs.Graph, name: str, x: gs.Variable, lut: LayerLUT, aq: Ac
 def _rewrite_one(graph: gs.Graph, name: str, lut: LayerLUT, aq: ActivationQuant) -> None:
     relu, q, dq = activation_chain(graph, name)
     scale, zp = q.inputs[1], q.inputs[2]
+    s, z = float(_const_values(scale)), int(_const_values(zp))
+    if z != aq.zero_point or abs(s - aq.scale) > 1e-6 * aq.scale:
+        raise ExportError(f"layer {name}: the graph quantizes with scale/zero_point {s:g}/{z}, the LUT was built for "
+                          f"{aq.scale:g}/{aq.zero_point}; export from the teacher the result was searched on")
     # Q with z == qmin already clamps negatives to 0 and the LUT maps every code <= t1 to 0,
     # so the Relu is redundant; with z > qmin it is not (negative codes exist), so keep it.
     src = relu.inputs[0] if aq.zero_point == aq.qmin else relu.outputs[0]
