@@ -1,0 +1,514 @@
+"""A small ONNX → TensorFlow translator for the ops the zoo's QDQ/LUT graphs hold.
+
+Why our own: onnx2tf miscompiles a broadcast `Where` LUT to INT8 without an error (DESIGN.md §5),
+and the graphs here use a dozen ops. Each ONNX op is one plain function in `OPS`
+(tinygrad `nn/onnx.py` style): `fn(node, inputs) -> outputs`, inputs being TF tensors or numpy
+constants. An op not in `OPS` is an `ExportError` naming the op and the node.
+
+Conventions, fixed once:
+- Layout. Every rank-4 activation is NHWC (TFLite's layout); the model input is NHWC. Ops with
+  spatial semantics (Conv, pools) work on NHWC; Flatten/Reshape of a rank-4 tensor go back to
+  NCHW first, so flattened features come in ONNX's order and Gemm weights stay as they are.
+- Constants. Initializers, `Constant` nodes, and every node whose inputs are all constants and
+  whose op is in `FOLDABLE` (the DequantizeLinear of int8 weights / int32 biases) are folded to
+  numpy once. TF then sees float weights on our grid, which the TFLite converter requantizes
+  per channel as max|w|/127 — our scale, because our codes are symmetric −127..127.
+- Activation Q/DQ. A QuantizeLinear(s, z) whose every consumer is a DequantizeLinear(s, z)
+  becomes one `FakeQuant` node: `fake_quant_with_min_max_vars(x, s·(qmin−z), s·(qmax−z))`. That
+  fixes the range in the graph, so the converter gives the tensor exactly scale s and zero point
+  z−128 and TFLite's int8 codes are the teacher's codes (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from deploy_kit.errors import ExportError
+
+FAKE_QUANT = "FakeQuant"  # our fused activation Q→DQ pair (not an ONNX op)
+FOLDABLE = {"DequantizeLinear", "Identity"}
+QRANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of the translated graph: an ONNX node, or a fused activation Q/DQ pair."""
+
+    op: str
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attrs: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass
+class Graph:
+    """The ONNX graph reduced to what TF needs: folded constants and nodes in topological order."""
+
+    nodes: list[Node]
+    constants: dict[str, np.ndarray]
+    input_name: str
+    input_shape: tuple  # NCHW as in ONNX, batch dim may be None
+    output_names: list[str]
+
+    def nhwc_input_shape(self) -> tuple:
+        s = self.input_shape
+        return (s[0], s[2], s[3], s[1]) if len(s) == 4 else tuple(s)
+
+
+# ----------------------------------------------------------------------------- reading ONNX
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _dequantize(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int = 1) -> np.ndarray:
+    """DequantizeLinear on constants (per tensor, or per channel along `axis`)."""
+    scale, zero = np.asarray(scale, np.float32), np.asarray(zero)
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (scale * (codes.astype(np.float32) - zero.astype(np.float32))).astype(np.float32)
+
+
+def _fold(op: str, values: list[np.ndarray], attrs: dict) -> np.ndarray:
+    if op == "Identity":
+        return values[0]
+    zero = values[2] if len(values) > 2 else np.zeros((), values[0].dtype)
+    return _dequantize(values[0], values[1], zero, attrs.get("axis", 1))
+
+
+def _static_shape(value_info) -> tuple:
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim)
+
+
+def read_graph(proto: onnx.ModelProto) -> Graph:
+    """Fold constants, fuse activation Q/DQ pairs; keep the other nodes in graph order."""
+    g = proto.graph
+    constants = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    weight_scales: dict[str, np.ndarray] = {}
+    nodes: list[Node] = []
+    for n in g.node:
+        attrs = _attrs(n)
+        if n.op_type == "Constant":
+            constants[n.output[0]] = numpy_helper.to_array(attrs["value"])
+        elif n.op_type in FOLDABLE and n.input and all(i in constants for i in n.input if i):
+            constants[n.output[0]] = _fold(n.op_type, [constants[i] for i in n.input if i], attrs)
+            if n.op_type == "DequantizeLinear" and constants[n.input[0]].dtype == np.int8:
+                weight_scales[n.output[0]] = np.atleast_1d(constants[n.input[1]]).astype(np.float32)
+        else:
+            if n.op_type in ("Conv", "Gemm") and len(n.input) > 1 and n.input[1] in weight_scales:
+                attrs["weight_scale"] = weight_scales[n.input[1]]
+            nodes.append(Node(n.op_type, n.name or n.output[0], tuple(n.input), tuple(n.output), attrs))
+    inputs = [v for v in g.input if v.name not in constants]
+    if len(inputs) != 1:
+        raise ExportError(f"expected one graph input, found {[v.name for v in inputs]}")
+    nodes = _fuse_fake_quant(nodes, constants, {o.name for o in g.output})
+    return Graph(nodes, constants, inputs[0].name, _static_shape(inputs[0]), [o.name for o in g.output])
+
+
+def _qparams(node: Node, constants: dict) -> tuple[float, int, np.dtype]:
+    missing = [i for i in node.inputs[1:3] if i not in constants]
+    if len(node.inputs) < 3 or missing:
+        raise ExportError(f"node {node.name} ({node.op}): expected constant scale and zero point, "
+                          f"found inputs {list(node.inputs)}")
+    scale, zero = constants[node.inputs[1]], constants[node.inputs[2]]
+    if scale.size != 1:
+        raise ExportError(f"node {node.name} ({node.op}): an activation needs a per-tensor scale, found {scale.size} scales")
+    return float(scale.reshape(())), int(zero.reshape(())), zero.dtype
+
+
+def _fuse_fake_quant(nodes: list[Node], constants: dict, graph_outputs: set[str]) -> list[Node]:
+    """Each activation Q(s,z) → DQ(s,z) becomes one FakeQuant node named after the Q."""
+    consumers: dict[str, list[Node]] = {}
+    for n in nodes:
+        for i in n.inputs:
+            consumers.setdefault(i, []).append(n)
+    fused, dropped = [], set()
+    for n in nodes:
+        if n.op == "DequantizeLinear" and n.name in dropped:
+            continue
+        if n.op != "QuantizeLinear":
+            fused.append(n)
+            continue
+        s, z, dtype = _qparams(n, constants)
+        users = consumers.get(n.outputs[0], [])
+        if n.outputs[0] in graph_outputs or not users or any(u.op != "DequantizeLinear" for u in users):
+            raise ExportError(f"node {n.name} (QuantizeLinear): expected every consumer to be a DequantizeLinear, "
+                              f"found {[u.op for u in users] or 'a graph output'}; quantized codes cannot leave the graph")
+        for u in users:
+            if _qparams(u, constants)[:2] != (s, z):
+                raise ExportError(f"node {u.name} (DequantizeLinear): expected the scale/zero point of {n.name} "
+                                  f"({s}, {z}), found {_qparams(u, constants)[:2]}")
+        if dtype not in QRANGE:
+            raise ExportError(f"node {n.name} (QuantizeLinear): expected uint8 or int8 codes, found {dtype}")
+        qmin, qmax = QRANGE[dtype]
+        for u in users:
+            dropped.add(u.name)
+            fused.append(Node(FAKE_QUANT, n.name, (n.inputs[0],), u.outputs,
+                              {"scale": s, "zero_point": z, "qmin": qmin, "qmax": qmax}))
+    return fused
+
+
+# ----------------------------------------------------------------------------- the op registry
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+def _is_const(v) -> bool:
+    return isinstance(v, np.ndarray)
+
+
+def _rank(v) -> int:
+    return v.ndim if _is_const(v) else v.shape.rank
+
+
+def _to_nchw(x):
+    return _tf().transpose(x, [0, 3, 1, 2]) if _rank(x) == 4 else x
+
+
+def _to_nhwc(x):
+    return _tf().transpose(x, [0, 2, 3, 1]) if _rank(x) == 4 else x
+
+
+def _align(c: np.ndarray, other_rank: int) -> np.ndarray:
+    """A constant broadcast against an NHWC activation: right-align to rank 4 (ONNX
+    broadcasting), then move its channel axis last."""
+    if other_rank != 4 or c.size == 1:
+        return c
+    c = c.reshape((1,) * (4 - c.ndim) + c.shape)
+    return np.ascontiguousarray(c.transpose(0, 2, 3, 1))
+
+
+def _binary(fn: Callable) -> Callable:
+    def op(node: Node, inputs: list):
+        a, b = inputs[:2]
+        rank = max(_rank(a), _rank(b))
+        a = _align(a, rank) if _is_const(a) else a
+        b = _align(b, rank) if _is_const(b) else b
+        return [fn(a, b)]
+    return op
+
+
+def _pads(node: Node, x, kernel: tuple[int, int], strides: tuple[int, int]):
+    """ONNX explicit pads → TF padding: VALID, SAME when it places the pads identically,
+    else an explicit [[0,0],[t,b],[l,r],[0,0]] list."""
+    auto = node.attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto not in ("NOTSET", "VALID"):
+        raise ExportError(f"node {node.name} ({node.op}): auto_pad={auto} is not supported; export with explicit pads")
+    top, left, bottom, right = node.attrs.get("pads", [0, 0, 0, 0])
+    if (top, left, bottom, right) == (0, 0, 0, 0):
+        return "VALID"
+    size = x.shape[1:3]
+    same = []
+    for n, k, s in zip(size, kernel, strides):
+        total = max((-(-n // s) - 1) * s + k - n, 0) if n is not None else -1
+        same.append((total // 2, total - total // 2))
+    if same == [(top, bottom), (left, right)]:
+        return "SAME"
+    return [[0, 0], [top, bottom], [left, right], [0, 0]]
+
+
+def _window(node: Node) -> tuple[tuple[int, int], tuple[int, int]]:
+    if any(d != 1 for d in node.attrs.get("dilations", [1, 1])):
+        raise ExportError(f"node {node.name} ({node.op}): dilations {node.attrs['dilations']} are not supported")
+    kernel = tuple(node.attrs["kernel_shape"]) if "kernel_shape" in node.attrs else None
+    return kernel, tuple(node.attrs.get("strides", [1, 1]))
+
+
+def _weight(node: Node, w: np.ndarray, depthwise: bool = False):
+    """Int8 weights (channel axis last) behind a per-channel fake quant with our scales, so the
+    converter keeps our per-channel scale instead of re-deriving max|w|/127 (which differs
+    wherever a channel's largest code is below 127)."""
+    tf = _tf()
+    scale = node.attrs.get("weight_scale")
+    if scale is None:
+        return w
+    if depthwise:  # [kh, kw, C, m]: channels are C·m, fake-quant them on the last axis
+        kh, kw, c, m = w.shape
+        flat = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+            w.reshape(kh, kw, 1, c * m), -127 * scale, 127 * scale, num_bits=8, narrow_range=True)
+        return tf.reshape(flat, w.shape)
+    return tf.quantization.fake_quant_with_min_max_vars_per_channel(w, -127 * scale, 127 * scale,
+                                                                    num_bits=8, narrow_range=True)
+
+
+def conv(node: Node, inputs: list):
+    tf = _tf()
+    x, w = inputs[0], inputs[1]
+    if not _is_const(w):
+        raise ExportError(f"node {node.name} (Conv): expected constant weights, found a computed tensor")
+    _, strides = _window(node)
+    kernel = w.shape[2:]
+    padding = _pads(node, x, kernel, strides)
+    group, cin = node.attrs.get("group", 1), x.shape[-1]
+    if group == 1:
+        y = tf.nn.conv2d(x, _weight(node, w.transpose(2, 3, 1, 0)), [1, *strides, 1], padding)
+    elif group == cin and w.shape[1] == 1:
+        # depthwise: ONNX [C·m, 1, kh, kw] → TF [kh, kw, C, m]
+        dw = w.reshape(cin, w.shape[0] // cin, *kernel).transpose(2, 3, 0, 1)
+        if isinstance(padding, list):  # depthwise_conv2d takes no explicit pads
+            x, padding = tf.pad(x, padding), "VALID"
+        y = tf.nn.depthwise_conv2d(x, _weight(node, dw, depthwise=True), [1, *strides, 1], padding)
+    else:
+        raise ExportError(f"node {node.name} (Conv): group={group} with {cin} input channels is not supported "
+                          "(only group=1 and depthwise)")
+    return [tf.nn.bias_add(y, inputs[2]) if len(inputs) > 2 and inputs[2] is not None else y]
+
+
+def gemm(node: Node, inputs: list):
+    tf = _tf()
+    a, b = inputs[0], inputs[1]
+    if node.attrs.get("transA", 0):
+        raise ExportError(f"node {node.name} (Gemm): transA=1 is not supported")
+    b = b.T if node.attrs.get("transB", 0) and _is_const(b) else b
+    alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
+    if not _is_const(b):
+        raise ExportError(f"node {node.name} (Gemm): expected constant weights, found a computed tensor")
+    # Weights stay plain here: TFLite stores FULLY_CONNECTED weights as [out, in], and a
+    # per-channel fake quant on TF's [in, out] makes the converter fail on the transpose's axis.
+    y = tf.matmul(a, (alpha * b).astype(np.float32))
+    if len(inputs) > 2 and inputs[2] is not None:
+        y = y + (beta * inputs[2]).astype(np.float32)
+    return [y]
+
+
+def matmul(node: Node, inputs: list):
+    return [_tf().matmul(inputs[0], inputs[1])]
+
+
+def max_pool(node: Node, inputs: list):
+    return [_pool(node, inputs[0], _tf().nn.max_pool2d)]
+
+
+def average_pool(node: Node, inputs: list):
+    if node.attrs.get("pads", [0] * 4) != [0] * 4 and not node.attrs.get("count_include_pad", 0):
+        raise ExportError(f"node {node.name} (AveragePool): padded average pooling is not supported")
+    return [_pool(node, inputs[0], _tf().nn.avg_pool2d)]
+
+
+def _pool(node: Node, x, fn):
+    if node.attrs.get("ceil_mode", 0):
+        raise ExportError(f"node {node.name} ({node.op}): ceil_mode=1 is not supported")
+    kernel, strides = _window(node)
+    padding = _pads(node, x, kernel, strides)
+    if isinstance(padding, list):
+        raise ExportError(f"node {node.name} ({node.op}): pads {node.attrs['pads']} are not supported")
+    return fn(x, kernel, strides, padding)
+
+
+def global_average_pool(node: Node, inputs: list):
+    return [_tf().reduce_mean(inputs[0], axis=[1, 2], keepdims=True)]
+
+
+def flatten(node: Node, inputs: list):
+    tf = _tf()
+    axis = node.attrs.get("axis", 1)
+    if axis != 1:
+        raise ExportError(f"node {node.name} (Flatten): axis={axis} is not supported (only 1)")
+    x = _to_nchw(inputs[0])  # flatten in ONNX's (C, H, W) order
+    return [tf.reshape(x, [-1, int(np.prod(x.shape[1:]))])]
+
+
+def reshape(node: Node, inputs: list):
+    tf = _tf()
+    x, shape = _to_nchw(inputs[0]), inputs[1]
+    if not _is_const(shape):
+        raise ExportError(f"node {node.name} (Reshape): expected a constant shape, found a computed one")
+    shape = [int(d) if d != 0 else (-1 if i == 0 else int(x.shape[i])) for i, d in enumerate(shape)]
+    return [_to_nhwc(tf.reshape(x, shape))]
+
+
+def relu(node: Node, inputs: list):
+    return [_tf().nn.relu(inputs[0])]
+
+
+def clip(node: Node, inputs: list):
+    lo = inputs[1] if len(inputs) > 1 and inputs[1] is not None else node.attrs.get("min", -np.inf)
+    hi = inputs[2] if len(inputs) > 2 and inputs[2] is not None else node.attrs.get("max", np.inf)
+    tf, x = _tf(), inputs[0]
+    if np.isfinite(lo):
+        x = tf.maximum(x, np.float32(lo))
+    if np.isfinite(hi):
+        x = tf.minimum(x, np.float32(hi))
+    return [x]
+
+
+def where(node: Node, inputs: list):
+    tf = _tf()
+    cond, a, b = inputs
+    rank = max(_rank(v) for v in inputs)
+    a, b = (_align(v, rank).astype(np.float32) if _is_const(v) else v for v in (a, b))
+    return [tf.where(cond, a, b)]
+
+
+def fake_quant(node: Node, inputs: list):
+    """min/max span all 256 levels of the code type, so the converter's scale is exactly s and
+    its zero point z (shifted to int8). A reduced range is a separate Clip (DESIGN.md §5)."""
+    a = node.attrs
+    lo = np.float32(a["scale"] * (a["qmin"] - a["zero_point"]))
+    hi = np.float32(a["scale"] * (a["qmax"] - a["zero_point"]))
+    return [_tf().quantization.fake_quant_with_min_max_vars(inputs[0], lo, hi, num_bits=8)]
+
+
+def identity(node: Node, inputs: list):
+    return [inputs[0]]
+
+
+def _tf_binary(name: str) -> Callable:
+    return _binary(lambda a, b: getattr(_tf().math, name)(a, b))
+
+
+OPS: dict[str, Callable] = {
+    "Conv": conv, "Gemm": gemm, "MatMul": matmul, "Add": _tf_binary("add"), "Sub": _tf_binary("subtract"),
+    "Mul": _tf_binary("multiply"), "Div": _tf_binary("divide"), "Relu": relu, "Clip": clip,
+    "MaxPool": max_pool, "AveragePool": average_pool, "GlobalAveragePool": global_average_pool,
+    "Flatten": flatten, "Reshape": reshape, "Less": _tf_binary("less"), "Where": where,
+    "Identity": identity, "Dropout": identity, FAKE_QUANT: fake_quant,
+}
+
+
+def check_supported(graph: Graph) -> None:
+    for node in graph.nodes:
+        if node.op not in OPS:
+            raise ExportError(f"ONNX op {node.op} (node {node.name!r}) is not supported by the TFLite translator; "
+                              f"supported: {', '.join(sorted(o for o in OPS if o != FAKE_QUANT))}")
+
+
+# ----------------------------------------------------------------------------- running
+
+_TF_NAME = re.compile(r"[^A-Za-z0-9_.\-/]")
+
+
+def tf_scope(onnx_name: str) -> str:
+    """A TF name scope from an ONNX node name (`conv1/lut/Less_t1` stays readable in the
+    .tflite tensor names, which is how runners find each layer's LUT)."""
+    name = _TF_NAME.sub("_", onnx_name.strip("/")) or "node"
+    return name if name[0].isalnum() else f"n{name}"
+
+
+def run_node(node: Node, inputs: list) -> list:
+    tf = _tf()
+    try:
+        with tf.name_scope(tf_scope(node.name)):
+            return OPS[node.op](node, inputs)
+    except ExportError:
+        raise
+    except (ValueError, TypeError, tf.errors.OpError) as exc:
+        raise ExportError(f"node {node.name} ({node.op}) failed to translate: {str(exc).splitlines()[0][:200]}") from None
+
+
+def run(graph: Graph, x_nhwc, keep: bool = False) -> dict:
+    """Evaluate the graph on an NHWC input (eagerly or while tracing); returns the outputs, or
+    every value when `keep`."""
+    check_supported(graph)
+    values: dict = {graph.input_name: x_nhwc, "": None}
+    for node in graph.nodes:
+        inputs = [values[i] if i in values else graph.constants[i] for i in node.inputs]
+        values.update(zip(node.outputs, run_node(node, inputs)))
+    return values if keep else {n: values[n] for n in graph.output_names}
+
+
+def tf_module(graph: Graph, batch: int | None = 1):
+    """A tf.Module whose `serve` is the traced graph: NHWC float input → {output name: tensor}.
+    The module is the converter's `trackable_obj` (it owns the function)."""
+    tf = _tf()
+    shape = (batch, *graph.nhwc_input_shape()[1:])
+    module = tf.Module()
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name=tf_scope(graph.input_name))], autograph=False)
+    def serve(x):
+        out = run(graph, x)
+        return {tf_scope(name): out[name] for name in graph.output_names}
+
+    module.serve = serve
+    return module
+
+
+# ----------------------------------------------------------------------------- the float check
+
+FLOAT_ATOL = 1e-4
+TIE_WINDOW = 1e-3  # codes: an input this close to a rounding tie may round either way
+
+
+def onnxruntime_values(proto: onnx.ModelProto, x_nchw: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    """Every named intermediate, from onnxruntime with graph optimizations disabled (so the
+    graph it runs is the ONNX graph itself, node for node)."""
+    import onnxruntime as ort
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in known)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    wanted = [o.name for o in session.get_outputs()]
+    return dict(zip(wanted, session.run(wanted, {session.get_inputs()[0].name: x_nchw.astype(np.float32)})))
+
+
+def _as_nchw(v) -> np.ndarray:
+    v = np.asarray(v)
+    return v.transpose(0, 3, 1, 2) if v.ndim == 4 else v
+
+
+def _fake_quant_mismatch(node: Node, x: np.ndarray, got: np.ndarray, want: np.ndarray) -> float:
+    """Largest difference outside rounding ties: at an exact tie TF rounds half up and ONNX
+    half to even, and TF derives its scale from (max−min)/255, one float ulp from s."""
+    s = node.attrs["scale"]
+    frac = np.abs(np.asarray(x, np.float64) / s - np.floor(np.asarray(x, np.float64) / s) - 0.5)
+    diff = np.where(frac < TIE_WINDOW, 0.0, np.abs(got - want))
+    return float(diff.max(initial=0.0))
+
+
+def check_against_onnxruntime(proto: onnx.ModelProto, graph: Graph, x_nchw: np.ndarray) -> dict:
+    """The float check, node by node with the *same inputs*: each TF op runs on onnxruntime's
+    values of its ONNX inputs and must reproduce onnxruntime's outputs within FLOAT_ATOL.
+
+    Why node by node rather than end to end: the graph is full of discontinuities on purpose
+    (every Q/DQ rounds, every LUT `Less` jumps several codes). Conv sums in a different order in
+    TF and ORT (~1e-6), so end to end, an activation sitting next to a rounding tie or a LUT
+    threshold flips by a whole code in one runtime and not the other, and the flip grows through
+    the layers — a VGG at 32×32 has ~10^5 activations per image. Fed identical inputs, every op is
+    continuous or exact (Less/Where compare identical floats), so a 1e-4 bound is meaningful,
+    and a failure names the node where TF and ORT part ways."""
+    names = [o for n in graph.nodes for o in n.outputs]
+    ref = onnxruntime_values(proto, x_nchw, names)
+    ref[graph.input_name] = x_nchw
+    worst = {"node": None, "max_abs_diff": 0.0, "nodes": len(graph.nodes), "images": int(len(x_nchw))}
+    for node in graph.nodes:
+        inputs = [graph.constants[i] if i in graph.constants else (None if i == "" else _tf_input(ref[i]))
+                  for i in node.inputs]
+        outputs = run_node(node, inputs)
+        for name, got in zip(node.outputs, outputs):
+            got, want = _as_nchw(got), ref[name]
+            if got.shape != want.shape:
+                raise ExportError(f"float check: node {node.name} ({node.op}) gives shape {list(got.shape)} in TF, "
+                                  f"{list(want.shape)} in onnxruntime")
+            if node.op == FAKE_QUANT:
+                diff = _fake_quant_mismatch(node, ref[node.inputs[0]], got, want)
+            else:
+                diff = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max(initial=0.0))
+            if diff > worst["max_abs_diff"]:
+                worst.update(node=node.name, max_abs_diff=diff)
+            if diff > FLOAT_ATOL:
+                raise ExportError(f"float check: node {node.name} ({node.op}) differs from onnxruntime by {diff:.3g} "
+                                  f"(max {FLOAT_ATOL}) on the same inputs; the translation of {node.op} is wrong")
+    return worst
+
+
+def _tf_input(v: np.ndarray):
+    tf = _tf()
+    return tf.constant(v.transpose(0, 2, 3, 1) if v.ndim == 4 else v)
