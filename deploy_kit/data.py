@@ -178,6 +178,8 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        # pickle protocol 5 (Python 3.14's default) stores arrays as raw buffers: a re-saved batch
+        ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module, name):

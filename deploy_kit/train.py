@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,12 +36,18 @@ class TrainConfig:
     seed: int = 0
     backend: str = "qnnpack"
     max_train: int | None = None  # cap on training images, for quick runs
+    # Intra-op threads while training. One is the default because this machine is shared: with two
+    # threads per process, every parallel region waits for a descheduled sibling, and a LeNet5 step
+    # measured 986 ms instead of 67 ms under load. Raise it for a big model on an idle machine.
+    threads: int = 1
 
     def __post_init__(self):
         if self.model not in ARCHITECTURES:
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(ARCHITECTURES)}")
         if self.epochs < 0 or self.qat_epochs < 1:
             raise ConfigError(f"need epochs >= 0 and qat_epochs >= 1, got {self.epochs} and {self.qat_epochs}")
+        if self.threads < 1:
+            raise ConfigError(f"need threads >= 1, got {self.threads}")
         if self.backend not in quant.BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; choose one of {', '.join(quant.BACKENDS)}")
 
@@ -113,9 +120,25 @@ def versions() -> dict:
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "scikit-learn": sklearn.__version__}
 
 
+@contextmanager
+def torch_threads(n: int):
+    """Run a block with `n` intra-op threads, then give the caller its setting back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_teacher(cfg: TrainConfig, out_dir: Path, force: bool = False, ds: Dataset | None = None) -> dict:
     """Train, quantize and save a teacher into `out_dir`; returns the sidecar metadata."""
     check_writable(Path(out_dir) / SIDECAR_NAME, force)
+    with torch_threads(cfg.threads):
+        return _train_teacher(cfg, Path(out_dir), ds)
+
+
+def _train_teacher(cfg: TrainConfig, out_dir: Path, ds: Dataset | None) -> dict:
     start = time.perf_counter()
     seed_everything(cfg.seed)
     ds = ds or load_dataset(cfg.data, cfg.seed)

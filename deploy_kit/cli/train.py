@@ -25,11 +25,13 @@ from deploy_kit.quant import BACKENDS
 @click.option("--max-train", type=int, default=None, help="Use only the first N training images (quick runs).")
 @click.option("--backend", default="qnnpack", show_default=True, type=click.Choice(BACKENDS),
               help="Quantized engine the INT8 PyTorch model is converted for.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Intra-op threads; more only pays off for a big model on an idle machine.")
 @click.option("--seed", default=0, show_default=True, help="Seeds the split, the init and the batch order.")
 @click.option("--force", is_flag=True, help="Overwrite an existing teacher in --out.")
 @json_option
 @handle_errors
-def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, max_train, backend, seed, force, as_json):
+def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, max_train, backend, threads, seed, force, as_json):
     """Train a float model, fine-tune it with INT8 QAT, convert it to INT8 and evaluate.
 
     Writes OUT/teacher.safetensors and OUT/teacher.json (architecture, labels, preprocessing,
@@ -43,7 +45,8 @@ def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, max_trai
     from deploy_kit.train import TrainConfig, train_teacher
 
     cfg = TrainConfig(model=arch, data=data, width=width, epochs=epochs, qat_epochs=qat_epochs,
-                      batch_size=batch_size, lr=lr, seed=seed, backend=backend, max_train=max_train)
+                      batch_size=batch_size, lr=lr, seed=seed, backend=backend, max_train=max_train,
+                      threads=threads)
     meta = train_teacher(cfg, out, force=force)
     acc = meta["accuracy"]
     say(f"{arch} on {data}: {meta['seconds']:.1f}s, {meta['images_per_s']:.0f} img/s")

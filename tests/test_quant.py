@@ -1,0 +1,154 @@
+"""INT8 QAT: BN folding, the fake-quant scheme, INT8 conversion and the codes at each tap."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deploy_kit import quant
+from deploy_kit.data import load_dataset, normalize
+from deploy_kit.errors import ConfigError
+from deploy_kit.models import build_model
+from deploy_kit.teacher import SIDECAR_NAME, load_teacher
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher(lenet_teacher):
+    return load_teacher(lenet_teacher)
+
+
+@pytest.fixture(scope="module")
+def sidecar(lenet_teacher):
+    return json.loads((lenet_teacher / SIDECAR_NAME).read_text())
+
+
+def _x(ds, n=64):
+    return torch.from_numpy(normalize(ds.split("test").images[:n], ds.norm))
+
+
+def _trained_bn_model():
+    """A float model whose BatchNorm statistics are not the identity (so folding has work to do)."""
+    torch.manual_seed(0)
+    model = build_model("vgg16", (3, 32, 32), 10, width=0.125)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3, 32, 32) * 2 + 0.5)
+    return model.eval()
+
+
+def test_fold_batchnorm_keeps_the_function():
+    model = _trained_bn_model()
+    x = torch.randn(4, 3, 32, 32)
+    before = model(x)
+    quant.fold_batchnorm(model)
+    assert all(isinstance(b.bn, torch.nn.Identity) for b in model.blocks().values())
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)
+
+
+def test_qat_model_quantizes_every_block_and_the_input():
+    model = quant.qat_model(build_model("nin", (3, 32, 32), 10, width=0.125))
+    assert isinstance(model.quant, torch.ao.quantization.QuantStub)
+    for name, block in model.blocks().items():
+        assert hasattr(block.op, "weight_fake_quant"), name
+        assert hasattr(block.op, "activation_post_process"), name
+    # the taps themselves carry no observer: the activation is quantized by the fused Conv+ReLU
+    assert all(not hasattr(t, "activation_post_process") for t in model.taps().values())
+
+
+def test_weights_are_int8_per_channel_symmetric(teacher):
+    for name, block in teacher.model.blocks().items():
+        codes, scale = quant.weight_quant(block)
+        assert codes.dtype == torch.int8 and int(codes.min()) >= -127 and int(codes.max()) <= 127, name
+        assert scale.shape == (block.op.weight.shape[0],), name
+        # symmetric: each channel's largest |weight| lands on code ±127
+        per_channel = codes.reshape(codes.shape[0], -1).abs().amax(1)
+        assert (per_channel == 127).float().mean() > 0.9, name
+        assert int(block.op.weight_fake_quant.zero_point.abs().max()) == 0, name
+
+
+def test_activation_quant_matches_sidecar(teacher, sidecar):
+    aq = quant.activation_quant(teacher.model)
+    assert list(aq) == list(sidecar["layers"])
+    for name, q in aq.items():
+        assert q.to_dict() == sidecar["layers"][name]
+        assert (q.qmin, q.qmax) == (0, 255) and q.zero_point == 0  # ReLU output: min observed is 0
+    assert quant.input_quant(teacher.model).to_dict() == sidecar["input_quant"]
+    assert quant.output_quant(teacher.model).to_dict() == sidecar["output_quant"]
+
+
+def test_int8_tap_codes_agree_with_sidecar_and_fake_quant(teacher, sidecar, digits):
+    x = _x(digits)
+    int8 = quant.convert_int8(teacher.model, sidecar["backend"])
+    codes = quant.int8_tap_codes(int8, x)
+    values = {}
+    hooks = [t.register_forward_hook(lambda m, i, o, n=n: values.__setitem__(n, o.detach()))
+             for n, t in teacher.model.taps().items()]
+    with torch.no_grad():
+        teacher.model(x)
+    for h in hooks:
+        h.remove()
+    for name, (q, scale, zero_point) in codes.items():
+        layer = sidecar["layers"][name]
+        assert q.dtype == torch.uint8
+        assert scale == pytest.approx(layer["scale"], rel=1e-6) and zero_point == layer["zero_point"]
+        # the fake-quant model's activation is on the same grid: value / s + z is an integer code
+        fq = values[name] / layer["scale"] + layer["zero_point"]
+        assert torch.allclose(fq, fq.round(), atol=1e-3), name
+        same = (q.float() == fq.round()).float().mean().item()
+        within_one = ((q.float() - fq.round()).abs() <= 1).float().mean().item()
+        assert same >= 0.95 and within_one >= 0.995, f"{name}: {same:.3%} equal, {within_one:.3%} within ±1"
+        assert int(q.max()) > 0, f"{name}: an all-zero activation tells nothing"
+
+
+def test_int8_and_fake_quant_predictions_agree(teacher, sidecar, digits):
+    x = _x(digits, 256)
+    int8 = quant.convert_int8(teacher.model, sidecar["backend"])
+    with torch.no_grad():
+        agree = (int8(x).argmax(1) == teacher.model(x).argmax(1)).float().mean().item()
+    assert agree >= 0.98
+
+
+def test_export_form_has_weights_on_the_int8_grid(teacher, digits):
+    x = _x(digits, 32)
+    exported = quant.export_form(teacher.model)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), teacher.model(x), rtol=1e-5, atol=1e-5)
+    for name, block in exported.blocks().items():
+        codes, scale = quant.weight_quant(teacher.model.blocks()[name])
+        shape = (-1,) + (1,) * (codes.dim() - 1)
+        ratio = block.op.weight.detach() / scale.reshape(shape)
+        np.testing.assert_allclose(ratio.numpy(), codes.float().numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", quant.BACKENDS)
+def test_convert_int8_for_every_backend(teacher, digits, backend):
+    int8 = quant.convert_int8(teacher.model, backend)
+    out = int8(_x(digits, 8))
+    assert out.shape == (8, 10) and torch.isfinite(out).all()
+
+
+def test_bad_backend_and_float_model_are_config_errors(teacher):
+    with pytest.raises(ConfigError, match="unknown quantized backend 'tpu'"):
+        quant.convert_int8(teacher.model, "tpu")
+    with pytest.raises(ConfigError, match="is this a QAT model"):
+        quant.activation_quant(build_model("lenet5", (1, 32, 32), 10))
+
+
+def test_freeze_stops_the_observers(teacher, digits):
+    import copy
+
+    model = copy.deepcopy(teacher.model).train()
+    before = {n: q.scale for n, q in quant.activation_quant(model).items()}
+    with torch.no_grad():
+        model(_x(digits, 32) * 5)  # a wildly different range would move a live observer
+    after = {n: q.scale for n, q in quant.activation_quant(model).items()}
+    assert before == after

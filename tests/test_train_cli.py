@@ -1,0 +1,145 @@
+"""`deploykit train`: the --json summary, and every bad input exits 2 with one readable line,
+no traceback and nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from deploy_kit.cli import main
+from deploy_kit.fsutil import sha256_file
+from deploy_kit.models import ARCHITECTURES
+from deploy_kit.teacher import SIDECAR_NAME, WEIGHTS_NAME
+
+from test_data import write_cifar, write_imagefolder
+
+
+def _train(*args):
+    return CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
+
+
+def _files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) if folder.exists() else []
+
+
+def _one_error_line(result) -> str:
+    """The single error line on stderr (click's usage errors add a Usage/Try preamble)."""
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = [l for l in result.stderr.splitlines() if l.lower().startswith("error")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_json_summary_shape(tmp_path):
+    out = tmp_path / "run"
+    result = _train("--model", "lenet5", "--out", str(out), "--epochs", "1", "--qat-epochs", "1",
+                    "--max-train", "200", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)  # stdout holds the JSON object and nothing else
+    assert set(summary) == {"checkpoint", "model", "seconds", "accuracy"}
+    assert summary["model"] == "lenet5" and summary["checkpoint"] == str(out / WEIGHTS_NAME)
+    assert isinstance(summary["seconds"], float) and summary["seconds"] > 0
+    assert set(summary["accuracy"]) == {"float", "int8"}
+    for kind in ("float", "int8"):
+        assert set(summary["accuracy"][kind]) == {"val", "test"}
+        assert all(0 <= v <= 100 for v in summary["accuracy"][kind].values())
+    # percent, not a fraction: even a one-epoch model is right on more than 1% of the digits
+    assert summary["accuracy"]["float"]["test"] > 1 and summary["accuracy"]["int8"]["test"] > 1
+    assert "teacher →" in result.stderr  # human output moved to stderr
+    meta = json.loads((out / SIDECAR_NAME).read_text())
+    assert meta["accuracy"]["int8"] == summary["accuracy"]["int8"]
+    assert meta["seed"] == 0 and meta["config"]["max_train"] == 200
+
+
+def test_human_output_without_json(lenet_teacher, tmp_path):
+    out = tmp_path / "run"
+    result = _train("--out", str(out), "--epochs", "0", "--qat-epochs", "1", "--max-train", "64")
+    assert result.exit_code == 0, result.stderr
+    assert "int8" in result.stdout and "test" in result.stdout
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(result.stdout)
+
+
+def test_unknown_model_lists_the_valid_ones(tmp_path):
+    out = tmp_path / "run"
+    result = _train("--model", "resnet50", "--out", str(out))
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert "resnet50" in line and all(name in line for name in ARCHITECTURES)
+    assert not out.exists()
+
+
+def test_unknown_dataset_lists_the_valid_ones(tmp_path):
+    out = tmp_path / "run"
+    result = _train("--data", "mnist", "--out", str(out))
+    assert result.exit_code == 2
+    assert _one_error_line(result) == ("error: unknown dataset 'mnist'; expected one of: digits, cifar10:PATH, "
+                                       "imagefolder:PATH")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "imagefolder"])
+def test_missing_data_folder(tmp_path, kind):
+    out, missing = tmp_path / "run", tmp_path / "no-such-folder"
+    result = _train("--data", f"{kind}:{missing}", "--out", str(out))
+    assert result.exit_code == 2
+    assert _one_error_line(result) == (f"error: {kind}:{missing}: folder {missing} does not exist; "
+                                       "pass the folder that holds the dataset")
+    assert not out.exists()
+
+
+def test_empty_data_folder(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = _train("--data", f"imagefolder:{tmp_path / 'data'}", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    assert "has no train/ folder" in _one_error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_cifar_folder(tmp_path):
+    folder, _ = write_cifar(tmp_path / "data")
+    (folder / "test_batch").write_bytes(b"\x80\x02garbage")
+    result = _train("--data", f"cifar10:{folder}", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    assert "test_batch is not a CIFAR-10 python batch" in _one_error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_splits_with_different_classes(tmp_path):
+    root = tmp_path / "data"
+    write_imagefolder(root, splits=("train",))
+    write_imagefolder(root, splits=("test",), classes={"cat": (1, 1, 1)})
+    result = _train("--data", f"imagefolder:{root}", "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    assert "differ from train/ classes" in _one_error_line(result)
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_output_needs_force(lenet_teacher):
+    before = {name: sha256_file(lenet_teacher / name) for name in (SIDECAR_NAME, WEIGHTS_NAME)}
+    listing = _files(lenet_teacher)
+    result = _train("--out", str(lenet_teacher))
+    assert result.exit_code == 2
+    assert _one_error_line(result) == (f"error: {lenet_teacher / SIDECAR_NAME} already exists; pass --force to "
+                                       "overwrite it or choose another --out")
+    assert {name: sha256_file(lenet_teacher / name) for name in before} == before
+    assert _files(lenet_teacher) == listing
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
+    """The installed entry point, not the test runner: exit code 2, one line, nothing written."""
+    env = {**os.environ, "DEPLOYKIT_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    deploykit = os.path.join(os.path.dirname(sys.executable), "deploykit")
+    proc = subprocess.run([deploykit, "train", "--data", "imagefolder:/nonexistent/x",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "error: imagefolder:/nonexistent/x: folder /nonexistent/x does not exist; pass the folder that holds the dataset"]
+    assert not out.exists()
