@@ -111,6 +111,7 @@ def read_graph(proto: onnx.ModelProto) -> Graph:
     if len(inputs) != 1:
         raise ExportError(f"expected one graph input, found {[v.name for v in inputs]}")
     nodes = _fuse_fake_quant(nodes, constants, {o.name for o in g.output})
+    nodes = _rescale_fine_comparisons(nodes, constants)
     return Graph(nodes, constants, inputs[0].name, _static_shape(inputs[0]), [o.name for o in g.output])
 
 
@@ -157,6 +158,35 @@ def _fuse_fake_quant(nodes: list[Node], constants: dict, graph_outputs: set[str]
     return fused
 
 
+# TFLite's int8 LESS rescales each input by its own scale with only 8 fractional bits
+# (kernels/comparisons.cc: left_shift = 8), i.e. it compares values rounded to 1/256 in real
+# units. The half-code margin s/2 must beat that rounding (≤ 1/256 for the pair), so a LUT input
+# finer than LESS_MIN_SCALE is compared at scale s·k (k a power of two: exact in float and in
+# int8, one MUL) against thresholds ×k. Measured: s = 0.0031 missed codes at t1/t2/tmax.
+LESS_MIN_SCALE = 4 / 256
+RESCALED = "/x{k}"
+
+
+def _rescale_fine_comparisons(nodes: list[Node], constants: dict) -> list[Node]:
+    fq = {o: n for n in nodes if n.op == FAKE_QUANT for o in n.outputs}
+    out, scaled = [], {}
+    for n in nodes:
+        src = fq.get(n.inputs[0]) if n.op == "Less" else None
+        if src is None or src.attrs["scale"] >= LESS_MIN_SCALE or n.inputs[1] not in constants:
+            out.append(n)
+            continue
+        k = 2.0 ** int(np.ceil(np.log2(LESS_MIN_SCALE / src.attrs["scale"])))
+        name = n.inputs[0] + RESCALED.format(k=int(k))
+        if name not in scaled:
+            scaled[name] = Node(FAKE_QUANT, f"{src.name}{RESCALED.format(k=int(k))}", (n.inputs[0],), (name,),
+                                {**src.attrs, "scale": src.attrs["scale"] * k, "multiplier": k})
+            out.append(scaled[name])
+        threshold = n.inputs[1] + RESCALED.format(k=int(k))
+        constants[threshold] = np.asarray(constants[n.inputs[1]] * np.float32(k), np.float32)
+        out.append(Node("Less", n.name, (name, threshold), n.outputs, n.attrs))
+    return out
+
+
 # ----------------------------------------------------------------------------- the op registry
 
 def _tf():
@@ -166,11 +196,11 @@ def _tf():
 
 
 def _is_const(v) -> bool:
-    return isinstance(v, np.ndarray)
+    return isinstance(v, (np.ndarray, np.generic))
 
 
 def _rank(v) -> int:
-    return v.ndim if _is_const(v) else v.shape.rank
+    return np.ndim(v) if _is_const(v) else v.shape.rank
 
 
 def _to_nchw(x):
@@ -359,7 +389,8 @@ def fake_quant(node: Node, inputs: list):
     a = node.attrs
     lo = np.float32(a["scale"] * (a["qmin"] - a["zero_point"]))
     hi = np.float32(a["scale"] * (a["qmax"] - a["zero_point"]))
-    return [_tf().quantization.fake_quant_with_min_max_vars(inputs[0], lo, hi, num_bits=8)]
+    x = inputs[0] * np.float32(a["multiplier"]) if "multiplier" in a else inputs[0]
+    return [_tf().quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8)]
 
 
 def identity(node: Node, inputs: list):
@@ -484,7 +515,8 @@ def check_against_onnxruntime(proto: onnx.ModelProto, graph: Graph, x_nchw: np.n
     the layers — a VGG at 32×32 has ~10^5 activations per image. Fed identical inputs, every op is
     continuous or exact (Less/Where compare identical floats), so a 1e-4 bound is meaningful,
     and a failure names the node where TF and ORT part ways."""
-    names = [o for n in graph.nodes for o in n.outputs]
+    in_onnx = {o for n in proto.graph.node for o in n.output}
+    names = [o for n in graph.nodes for o in n.outputs if o in in_onnx]
     ref = onnxruntime_values(proto, x_nchw, names)
     ref[graph.input_name] = x_nchw
     worst = {"node": None, "max_abs_diff": 0.0, "nodes": len(graph.nodes), "images": int(len(x_nchw))}
@@ -493,6 +525,9 @@ def check_against_onnxruntime(proto: onnx.ModelProto, graph: Graph, x_nchw: np.n
                   for i in node.inputs]
         outputs = run_node(node, inputs)
         for name, got in zip(node.outputs, outputs):
+            if name not in ref:  # a node of ours (a rescaled LUT input): its consumers are checked
+                ref[name] = _as_nchw(got)
+                continue
             got, want = _as_nchw(got), ref[name]
             if got.shape != want.shape:
                 raise ExportError(f"float check: node {node.name} ({node.op}) gives shape {list(got.shape)} in TF, "
