@@ -262,17 +262,21 @@ class LiteRTRunner:
     module = "ai_edge_litert.interpreter"
 
     def __init__(self, path: Path, name: str = "litert", threads: int | None = None,
-                 batch_size: int = DEFAULT_BATCH, preserve_all_tensors: bool = False):
+                 batch_size: int = DEFAULT_BATCH, preserve_all_tensors: bool = False, default_delegates: bool = True):
         import importlib
 
-        Interpreter = importlib.import_module(self.module).Interpreter
+        module = importlib.import_module(self.module)
         self.path, self.name, self.artifact, self.bytes = Path(path), name, Path(path).name, _file_bytes(path)
+        options = {"num_threads": threads, "experimental_preserve_all_tensors": preserve_all_tensors}
+        if not default_delegates:
+            # builtin kernels only: without XNNPACK, which LiteRT applies by default and which
+            # does not take LESS/SELECT_V2, so a LUT graph runs split between it and the builtins
+            options["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self.interpreter = Interpreter(model_path=str(path), num_threads=threads,
-                                           experimental_preserve_all_tensors=preserve_all_tensors)
+            self.interpreter = module.Interpreter(model_path=str(path), **options)
         except (ValueError, RuntimeError) as exc:
             raise ExportError(f"{name} cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
-        self.threads, self.preserve = threads, preserve_all_tensors
+        self.threads, self.default_delegates = threads, default_delegates
         detail = self.interpreter.get_input_details()[0]
         self.input_index = detail["index"]
         self.base_shape = list(detail["shape"])
@@ -307,7 +311,8 @@ class LiteRTRunner:
     def tap_codes(self, x: np.ndarray, layers: list[str], layer_quant: dict[str, ActivationQuant]) -> dict[str, LayerCodes]:
         """Codes around each layer's LUT, from a second interpreter that keeps every
         intermediate tensor (`experimental_preserve_all_tensors`)."""
-        probe = type(self)(self.path, self.name, self.threads, self.batch_size, preserve_all_tensors=True)
+        probe = type(self)(self.path, self.name, threads=self.threads, batch_size=self.batch_size,
+                           preserve_all_tensors=True, default_delegates=self.default_delegates)
         probe._ensure_batch(min(probe.batch_size, len(x)))
         indices = tflite_lut_tensors(probe.interpreter, layers)
         details = {t["index"]: t for t in probe.interpreter.get_tensor_details()}
@@ -417,9 +422,11 @@ def make_runner(entry: dict | Artifact, exports_dir: Path, runtime: str | None =
         return OrtRunner(art.path, label, art.entry.get("session_options"), threads, batch_size)
     if runtime == "litert":
         return LiteRTRunner(art.path, label, threads, batch_size)
+    if runtime == "litert-builtin":
+        return LiteRTRunner(art.path, "litert (no XNNPACK)", threads, batch_size, default_delegates=False)
     if runtime == "tflite_runtime":
         return TFLiteRuntimeRunner(art.path, label, threads=threads, batch_size=batch_size)
-    raise ConfigError(f"{art.relpath}: unknown runtime {runtime!r}; deploykit runs onnxruntime, litert, tflite_runtime")
+    raise ConfigError(f"{art.relpath}: unknown runtime {runtime!r}; deploykit runs onnxruntime, litert, litert-builtin, tflite_runtime")
 
 
 def manifest_luts(manifest: dict) -> tuple[dict[str, LayerLUT], dict[str, ActivationQuant]]:
