@@ -275,3 +275,16 @@ def export_tflite(onnx_path: Path, out_path: Path, *, io: str = "int8", calibrat
             "weights": weight_report(proto, tflite),
             "float_check": {**float_check, "seconds": round(t1 - t0, 2)},
             "convert_seconds": round(time.perf_counter() - t1, 2)}
+
+
+def lut_tensors(interpreter, layer: str) -> tuple[int, int]:
+    """The (input, output) tensor indices of one layer's LUT chain in a loaded interpreter:
+    the data input of its first SELECT_V2 (the LUT's x — a LESS may read a rescaled copy, see
+    onnx_to_tf.LESS_MIN_SCALE) and the output of its last one."""
+    names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
+    key = f"{layer}/lut/"
+    selects = [op for op in interpreter._get_ops_details()  # the only API exposing op wiring
+               if op["op_name"] == "SELECT_V2" and any(key in names.get(i, "") for i in op["outputs"])]
+    if not selects:
+        raise ExportError(f"no SELECT_V2 of layer {layer} (tensor names containing {key!r}) in the TFLite model")
+    return selects[0]["inputs"][2], selects[-1]["outputs"][0]
