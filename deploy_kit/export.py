@@ -103,6 +103,26 @@ def _run_target(target, onnx_path: Path, out_path: Path, options: dict) -> dict:
     return export_fn(onnx_path, out_path, **options)
 
 
+def _export_variant(folder: Path, variant: str, proto, steps: list, options: dict, progress) -> list[dict]:
+    """Write one variant's model.onnx, then convert it with each target; returns manifest entries."""
+    from exporters import manifest as mf
+    from exporters import onnx_graph
+
+    onnx_path = folder / steps[0].path(variant)
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx_graph.save(proto, onnx_path)
+    entries = []
+    for target in steps:
+        t0 = time.perf_counter()
+        rel = target.path(variant)
+        details = _run_target(target, onnx_path, folder / rel, options)
+        entry = {**mf.artifact_entry(target, variant, rel, folder / rel, details),
+                 "export_seconds": round(time.perf_counter() - t0, 3)}
+        entries.append(entry)
+        progress(f"  {target.name:<7}{variant:<5} {rel:<24} {entry['bytes']:>12,} B  {entry['export_seconds']:6.1f}s")
+    return entries
+
+
 def export(cfg: ExportConfig, progress: Callable[[str], None] = lambda _msg: None) -> dict:
     """Run the convert stage; returns {"out", "artifacts": [...manifest entries], "seconds"}."""
     from exporters import manifest as mf
@@ -119,29 +139,18 @@ def export(cfg: ExportConfig, progress: Callable[[str], None] = lambda _msg: Non
 
     seed = teacher.meta["seed"] if cfg.calibration_seed is None else cfg.calibration_seed
     calibration, calib_record = (calibration_set(teacher, cfg.calibration_images, seed)
-                                 if any(t.name == "tflite" for t in targets) else (None, None))
-    base = mf.base_manifest(teacher, result, result.layers, lut_quant, out, cfg.io, calib_record)
-    base["reference"] = {"float_onnx_bytes": onnx_graph.float_graph(teacher).ByteSize()}
+                                 if any(t.calibrated for t in targets) else (None, None))
+    manifest = mf.base_manifest(teacher, result, result.layers, lut_quant, out, cfg.io, calib_record)
+    manifest["reference"] = {"float_onnx_bytes": onnx_graph.float_graph(teacher).ByteSize()}
     options = {"io": cfg.io, "calibration": calibration, "layer_quant": teacher.layer_quant}
     # The ONNX graph is the source of every target, so it is always written and listed.
     steps = [TARGETS["onnx"]] + [t for t in targets if t.name != "onnx"]
     try:
         with atomic_dir(out, cfg.force) as tmp:
             for variant, proto in _onnx_variants(teacher, result.layers, lut_quant).items():
-                onnx_graph.set_metadata(proto, mf.onnx_metadata(base, variant))
-                onnx_path = tmp / TARGETS["onnx"].path(variant)
-                onnx_path.parent.mkdir(parents=True, exist_ok=True)
-                onnx_graph.save(proto, onnx_path)
-                for target in steps:
-                    t0 = time.perf_counter()
-                    rel = target.path(variant)
-                    details = _run_target(target, onnx_path, tmp / rel, options)
-                    entry = mf.artifact_entry(target, variant, rel, tmp / rel, details)
-                    entry["export_seconds"] = round(time.perf_counter() - t0, 3)
-                    base["artifacts"].append(entry)
-                    progress(f"  {target.name:<7}{variant:<5} {rel:<24} {entry['bytes']:>10,} B  {entry['export_seconds']:.1f}s")
-            write_json(tmp / mf.MANIFEST_NAME, base)
+                onnx_graph.set_metadata(proto, mf.onnx_metadata(manifest, variant))
+                manifest["artifacts"] += _export_variant(tmp, variant, proto, steps, options, progress)
+            write_json(tmp / mf.MANIFEST_NAME, manifest)
     except PermissionError as exc:
         raise ConfigError(f"cannot write {out}: {exc.strerror}; choose another --out") from None
-    seconds = round(time.perf_counter() - start, 2)
-    return {"out": str(out), "artifacts": base["artifacts"], "seconds": seconds}
+    return {"out": str(out), "artifacts": manifest["artifacts"], "seconds": round(time.perf_counter() - start, 2)}

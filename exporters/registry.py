@@ -30,6 +30,7 @@ class Target:
     runtime: str
     export_fn: str  # "module:function", imported on first use
     description: str
+    calibrated: bool = False  # needs calibration images (post-training quantization)
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -58,7 +59,8 @@ TARGETS: dict[str, Target] = {
     "ort": Target("ort", "model.ort", "onnxruntime", "exporters.ort:export_ort",
                   "ORT Mobile flatbuffer + required_operators.config for a reduced build"),
     "tflite": Target("tflite", "model_int8.tflite", "litert", "exporters.tflite:export_tflite",
-                     "full-integer TFLite INT8 (int8 I/O unless --io float), LUT as LESS/SELECT_V2"),
+                     "full-integer TFLite INT8 (int8 I/O unless --io float), LUT as LESS/SELECT_V2",
+                     calibrated=True),
 }
 ALL = "all"
 
