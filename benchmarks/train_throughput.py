@@ -70,7 +70,7 @@ def render(rows: list[dict], args) -> str:
     lines = [
         f"# Training throughput, 3×32×32, batch {args.batch}, width {args.width}",
         "",
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs "
         f"({platform.processor() or platform.machine()}); load average at the end "
         f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}. {args.warmup} warm-up + {args.steps} timed steps per cell.",
         "The machine is shared: other jobs ran at the same time, so read these as lower bounds.",
@@ -91,8 +91,10 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (train's default is 1)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     x, y = _batch(args.batch)
     rows = []
     for arch in args.models:

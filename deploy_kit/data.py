@@ -75,6 +75,9 @@ def normalize(images: np.ndarray, norm: Normalization) -> np.ndarray:
 def load_dataset(spec: str, seed: int = 0, val_fraction: float = 0.1) -> Dataset:
     """Parse `spec`, decode (or read the cache), split by `seed`, and attach normalization."""
     kind, _, path = spec.partition(":")
+    if path:  # the shell leaves `~` alone after "cifar10:", so expand it here
+        path = os.path.expanduser(path)
+        spec = f"{kind}:{path}"
     if kind == "digits" and not path:
         classes, splits = _digits_splits(seed, val_fraction)
     elif kind == "cifar10" and path:

@@ -24,6 +24,7 @@ from deploy_kit.models import ZooModel, build_model
 
 FORMAT = "deploykit-teacher/1"
 WEIGHTS_NAME, SIDECAR_NAME = "teacher.safetensors", "teacher.json"
+REQUIRED_KEYS = ("model", "width", "input_shape", "classes", "layers", "normalization", "weights_sha256")
 
 
 @dataclass
@@ -100,6 +101,9 @@ def load_teacher(path: Path, expect_model: str | None = None) -> Teacher:
         raise CheckpointError(f"{sidecar} is not valid JSON ({exc}); re-run `deploykit train`") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{sidecar}: expected a {FORMAT} sidecar, found format={meta.get('format') if isinstance(meta, dict) else None!r}")
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{sidecar}: the sidecar lacks {', '.join(missing)}; re-run `deploykit train`")
     if expect_model and meta["model"] != expect_model:
         raise CheckpointError(f"{sidecar}: the teacher is a {meta['model']}, but {expect_model} was asked for; "
                               "pass the checkpoint of the same model")

@@ -46,6 +46,9 @@ class TrainConfig:
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(ARCHITECTURES)}")
         if self.epochs < 0 or self.qat_epochs < 1:
             raise ConfigError(f"need epochs >= 0 and qat_epochs >= 1, got {self.epochs} and {self.qat_epochs}")
+        if self.batch_size < 1 or self.lr <= 0 or self.qat_lr <= 0 or (self.max_train is not None and self.max_train < 1):
+            raise ConfigError(f"need batch_size >= 1, lr > 0, qat_lr > 0 and max_train >= 1, got {self.batch_size}, "
+                              f"{self.lr}, {self.qat_lr}, {self.max_train}")
         if self.threads < 1:
             raise ConfigError(f"need threads >= 1, got {self.threads}")
         if self.backend not in quant.BACKENDS:
@@ -77,7 +80,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random translation by up to `pad` pixels (reflect padding, random crop)."""
+    """Random translation by up to `pad` pixels (edge-replicate padding, random crop), one shift per batch."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
     dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()

@@ -93,6 +93,14 @@ def test_cifar10_reads_python_batches(tmp_path, protocol):
     np.testing.assert_array_equal(direct.split("test").images, test.images)
 
 
+def test_cifar10_path_with_tilde(tmp_path, monkeypatch):
+    """`--data cifar10:~/x`: the shell does not expand a `~` after the colon, the loader does."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_cifar(tmp_path / "data")
+    ds = load_dataset("cifar10:~/data", seed=0)
+    assert ds.spec == f"cifar10:{tmp_path / 'data'}" and len(ds.split("test")) == 6
+
+
 def test_cifar10_missing_batch(tmp_path):
     folder, _ = write_cifar(tmp_path)
     (folder / "data_batch_3").unlink()

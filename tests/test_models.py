@@ -137,6 +137,9 @@ def test_unknown_model_and_bad_width_are_config_errors():
         build_model("lenet5", (1, 32, 32), 10, width=0)
     with pytest.raises(ConfigError, match="unknown model"):
         TrainConfig(model="resnet")
+    for bad in (dict(batch_size=0), dict(lr=0), dict(max_train=-5), dict(threads=0), dict(qat_epochs=0)):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad)
 
 
 # ---- the checkpoint ----------------------------------------------------------------------------
@@ -229,5 +232,12 @@ def test_missing_checkpoint_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / SIDECAR_NAME).write_text(json.dumps({"format": "deploykit-teacher/1", "model": "lenet5"}))
-    with pytest.raises(CheckpointError, match="missing"):
+    with pytest.raises(CheckpointError, match="the sidecar lacks width, input_shape"):
+        load_teacher(run)
+
+
+def test_sidecar_without_its_weights_is_refused(lenet_teacher, tmp_path):
+    run = _copy_run(lenet_teacher, tmp_path / "run")
+    (run / WEIGHTS_NAME).unlink()
+    with pytest.raises(CheckpointError, match="teacher.safetensors is missing"):
         load_teacher(run)
