@@ -240,18 +240,16 @@ def _to_nhwc(x: np.ndarray) -> np.ndarray:
 
 
 def tflite_lut_tensors(interpreter, layers: list[str]) -> dict[str, tuple[int, int]]:
-    """Each layer's LUT (input, output) tensors in a TFLite graph: the data input of its first
-    LESS op and the output of its last SELECT op, found by tensor names that carry `<layer>/lut`."""
-    tensors = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
-    ops = interpreter._get_ops_details()  # the only API that exposes op → tensor wiring
+    """Each layer's LUT (input, output) tensor indices in a loaded TFLite interpreter; the
+    exporter owns the graph's wiring, so it answers (exporters/tflite.py: lut_tensors)."""
+    from exporters.tflite import lut_tensors
+
     found = {}
     for layer in layers:
-        key = f"{layer}/lut"
-        mine = [op for op in ops if any(key in tensors.get(i, "") for i in (*op["inputs"], *op["outputs"]))]
-        less = [op for op in mine if op["op_name"] == "LESS"]
-        selects = [op for op in mine if op["op_name"].startswith("SELECT")]
-        if less and selects:
-            found[layer] = (less[0]["inputs"][0], selects[-1]["outputs"][0])
+        try:
+            found[layer] = lut_tensors(interpreter, layer)
+        except ExportError:
+            continue  # reported as "not found" for that layer
     return found
 
 
