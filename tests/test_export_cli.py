@@ -141,3 +141,19 @@ def test_config_rejects_bad_options(tmp_path):
         ExportConfig(result_path=tmp_path / "r.json", io="int4")
     with pytest.raises(ConfigError, match="tfjs"):
         ExportConfig(result_path=tmp_path / "r.json", targets=("tfjs",))
+
+
+def test_failed_export_leaves_the_previous_one_untouched(run, monkeypatch):
+    """Everything is built in a temp folder: a target failing half-way changes nothing on disk."""
+    from exporters.registry import Target
+
+    assert invoke("--config", run / "result.json", "--target", "onnx")[0] == 0
+    before = {p.relative_to(run): sha256_file(p) for p in (run / "exports").rglob("*") if p.is_file()}
+    # a real function with the wrong signature: the ort step raises after model.onnx was written
+    broken = Target("ort", "model.ort", "onnxruntime", "exporters.registry:target_names", "broken on purpose")
+    monkeypatch.setitem(TARGETS, "ort", broken)
+    code, _, _ = invoke("--config", run / "result.json", "--target", "ort", "--force")
+    assert code != 0
+    after = {p.relative_to(run): sha256_file(p) for p in (run / "exports").rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in run.iterdir() if p.name.startswith(".exports")] == []
