@@ -40,6 +40,7 @@ from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import atomic_path, write_json
 
 BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
+FLOAT_VARIANT = "float"  # the teacher without quantization, built for bench only (not an export)
 SCHEMA = "deploykit-bench/1"
 THROUGHPUT_BATCH = 32
 
@@ -52,10 +53,14 @@ class BenchConfig:
     repeats32: int = 20
     threads: int = 1  # one thread: comparable across runtimes, and what a phone core sees
     seed: int = 0  # which test images feed the timed runs
+    float_baseline: bool = True  # also time the unquantized model in onnxruntime
+    rounds: int = 1  # >1: every artifact once per round, interleaved; the median round is reported
 
     def __post_init__(self):
         if self.warmup < 0 or self.repeats < 1 or self.repeats32 < 1:
             raise ConfigError(f"need --warmup >= 0 and --repeats >= 1, got {self.warmup}, {self.repeats}")
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
         if self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
 
@@ -164,8 +169,20 @@ def bench_artifact(art: rn.Artifact, runtime: str, exports: Path, cfg: BenchConf
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise ConfigError(f"bench of {art.relpath} in {runtime} failed: {last}")
     m = json.loads(done.stdout.strip().splitlines()[-1])
-    return BenchRow(m["runtime"], art.target, art.variant, art.relpath, art.path.stat().st_size,
+    name = "float.onnx (not exported)" if art.variant == FLOAT_VARIANT else art.relpath
+    return BenchRow(m["runtime"], art.target, art.variant, name, art.path.stat().st_size,
                     m["latency_ms_p50"], m["latency_ms_p90"], m["throughput_ips"], m["peak_rss_mb"])
+
+
+def median_row(runs: list[BenchRow]) -> BenchRow:
+    """Per-measure median over rounds (each measure on its own: they come from different runs)."""
+    def med(key):
+        values = [getattr(r, key) for r in runs if getattr(r, key) is not None]
+        return round(float(np.median(values)), 4) if values else None
+
+    first = runs[0]
+    return BenchRow(first.runtime, first.target, first.variant, first.artifact, first.bytes, med("latency_ms_p50"),
+                    med("latency_ms_p90"), med("throughput_ips"), med("peak_rss_mb"))
 
 
 def _worker(job_json: str) -> None:
@@ -173,6 +190,18 @@ def _worker(job_json: str) -> None:
     cfg = BenchConfig(exports=Path(job["exports"]), **job["config"])
     x32 = np.load(job["inputs"], allow_pickle=False)
     print(json.dumps(measure(job["entry"], Path(job["exports"]), job["runtime"], cfg, x32)))
+
+
+def float_artifact(teacher, folder: Path) -> rn.Artifact:
+    """The teacher entirely in float as ONNX (exporters.onnx_graph.float_graph), in `folder`:
+    the baseline the INT8 exports' latency and size are compared with."""
+    from exporters import onnx_graph
+
+    path = folder / "float.onnx"
+    onnx_graph.save(onnx_graph.float_graph(teacher), path)
+    entry = {"target": "onnx", "variant": FLOAT_VARIANT, "path": str(path.resolve()), "runtime": "onnxruntime",
+             "sha256": "", "bytes": path.stat().st_size}
+    return rn.Artifact("onnx", FLOAT_VARIANT, path, "onnxruntime", "", entry["bytes"], entry)
 
 
 # ----------------------------------------------------------------------------- ratios and rendering
@@ -191,27 +220,25 @@ def lut_ratios(rows: list[BenchRow]) -> list[dict]:
     return out
 
 
-def cross_ratios(rows: list[BenchRow]) -> list[dict]:
-    """Each target's p50 latency relative to model.onnx in onnxruntime, per variant."""
-    out = []
-    for variant in ("lut", "relu"):
-        base = next((r for r in rows if r.variant == variant and r.target == "onnx" and r.runtime == "onnxruntime"), None)
-        if base is None:
-            continue
-        for r in rows:
-            if r.variant == variant and r is not base:
-                out.append({"variant": variant, "runtime": r.runtime, "target": r.target, "vs": "onnx/onnxruntime",
-                            "latency_p50": round(r.latency_ms_p50 / base.latency_ms_p50, 3),
-                            "throughput": round(r.throughput_ips / base.throughput_ips, 3)})
-    return out
+def vs_float(rows: list[BenchRow]) -> list[dict]:
+    """Every export relative to the float model in onnxruntime (the INT8 exports' speed-up)."""
+    base = next((r for r in rows if r.variant == FLOAT_VARIANT), None)
+    if base is None:
+        return []
+    return [{"runtime": r.runtime, "target": r.target, "variant": r.variant,
+             "latency_p50": round(r.latency_ms_p50 / base.latency_ms_p50, 3),
+             "throughput": round(r.throughput_ips / base.throughput_ips, 3), "bytes": round(r.bytes / base.bytes, 3)}
+            for r in rows if r is not base]
 
 
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# bench: {report['model']} ({report['data']})", "",
              f"{s['threads']} thread(s); latency at batch 1 after {s['warmup']} warm-up runs, {s['repeats']} timed; "
-             f"throughput at batch {THROUGHPUT_BATCH} over {s['repeats32']} runs. Peak memory: growth of the process's "
-             "peak RSS while loading and running that artifact. Machine: " + report["machine"], "",
+             f"throughput at batch {THROUGHPUT_BATCH} over {s['repeats32']} runs; median of {s['rounds']} interleaved "
+             "round(s), each artifact in a fresh process. Peak memory: growth of peak RSS while loading and running "
+             "that artifact. `float`: the unquantized teacher, timed for reference (not an export). "
+             "Machine: " + report["machine"], "",
              "| runtime | variant | artifact | size (B) | p50 ms | p90 ms | img/s @32 | peak RSS MiB |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
@@ -222,11 +249,12 @@ def markdown(report: dict) -> str:
               "|---|---|---:|---:|---:|"]
     for q in report["lut_over_relu"]:
         lines.append(f"| {q['runtime']} | {q['target']} | {q['latency_p50']:.3f} | {q['throughput']:.3f} | {q['bytes']:.3f} |")
-    if report["vs_onnx"]:
-        lines += ["", "Relative to model.onnx in onnxruntime (same variant):", "",
-                  "| variant | runtime | target | latency p50 | throughput |", "|---|---|---|---:|---:|"]
-        for q in report["vs_onnx"]:
-            lines.append(f"| {q['variant']} | {q['runtime']} | {q['target']} | {q['latency_p50']:.3f} | {q['throughput']:.3f} |")
+    if report["vs_float"]:
+        lines += ["", "Relative to the float model (no quantization, ReLU) in onnxruntime:", "",
+                  "| runtime | variant | target | latency p50 | throughput | size |", "|---|---|---|---:|---:|---:|"]
+        for q in report["vs_float"]:
+            lines.append(f"| {q['runtime']} | {q['variant']} | {q['target']} | {q['latency_p50']:.3f} | "
+                         f"{q['throughput']:.3f} | {q['bytes']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -250,17 +278,26 @@ def bench_exports(cfg: BenchConfig, progress: bool = True) -> dict:
     x32 = np.concatenate([x32] * -(-THROUGHPUT_BATCH // len(x32)))[:THROUGHPUT_BATCH]
 
     jobs = [(a, runtime) for a in items for runtime in bench_runtimes(a)]
-    rows = []
     with tempfile.TemporaryDirectory(prefix="deploykit-bench-") as tmp:
         inputs = Path(tmp) / "x32.npy"
         np.save(inputs, x32)
-        for art, runtime in tqdm(jobs, desc="bench", unit="runtime", disable=None if progress else True, leave=False):
-            rows.append(bench_artifact(art, runtime, exports, cfg, inputs))
+        if cfg.float_baseline:
+            jobs.append((float_artifact(teacher, Path(tmp)), "onnxruntime"))
+        # Rounds interleave the artifacts, so a burst of load on a shared machine hits all of
+        # them alike instead of skewing one ratio.
+        bar = tqdm(total=len(jobs) * cfg.rounds, desc="bench", unit="run", disable=None if progress else True, leave=False)
+        runs: list[list[BenchRow]] = [[] for _ in jobs]
+        for _ in range(cfg.rounds):
+            for i, (art, runtime) in enumerate(jobs):
+                runs[i].append(bench_artifact(art, runtime, exports, cfg, inputs))
+                bar.update()
+        bar.close()
+        rows = [median_row(r) for r in runs]
     report = {"schema": SCHEMA, "model": manifest.get("model"), "data": manifest.get("data"),
               "settings": {**asdict(cfg), "exports": str(exports), "throughput_batch": THROUGHPUT_BATCH},
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
                          f"{platform.python_version()}",
-              "rows": [asdict(r) for r in rows], "lut_over_relu": lut_ratios(rows), "vs_onnx": cross_ratios(rows)}
+              "rows": [asdict(r) for r in rows], "lut_over_relu": lut_ratios(rows), "vs_float": vs_float(rows)}
     write_json(exports / BENCH_JSON, report)
     with atomic_path(exports / BENCH_MD) as tmp:
         tmp.write_text(markdown(report))

@@ -33,16 +33,18 @@ def exports(lenet_teacher, tmp_path_factory):
 @pytest.mark.slow  # one fresh process per artifact
 def test_bench_measures_every_artifact_for_both_variants(exports):
     result = CliRunner().invoke(main, ["bench", "--exports", str(exports), "--warmup", "2", "--repeats", "5",
-                                       "--repeats32", "2", "--json"])
+                                       "--repeats32", "2", "--rounds", "2", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert {(r["runtime"], r["variant"]) for r in summary["rows"]} == {
-        ("onnxruntime", "lut"), ("onnxruntime", "relu"), ("onnxruntime (ort)", "lut"), ("onnxruntime (ort)", "relu")}
+        ("onnxruntime", "lut"), ("onnxruntime", "relu"), ("onnxruntime (ort)", "lut"), ("onnxruntime (ort)", "relu"),
+        ("onnxruntime", "float")}  # the unquantized baseline
     for r in summary["rows"]:
         assert set(r) == {"runtime", "variant", "latency_ms_p50", "latency_ms_p90", "throughput_ips", "bytes"}
         assert 0 < r["latency_ms_p50"] <= r["latency_ms_p90"] and r["throughput_ips"] > 0
     saved = json.loads((exports / "bench.json").read_text())
     assert {q["target"] for q in saved["lut_over_relu"]} == {"onnx", "ort"}
+    assert len(saved["vs_float"]) == 4 and all(q["bytes"] < 1 for q in saved["vs_float"])  # int8 files are smaller
     assert all(r["peak_rss_mb"] is None or r["peak_rss_mb"] >= 0 for r in saved["rows"])
     table = (exports / "bench.md").read_text()
     assert "| onnxruntime (ort) | lut | model.ort |" in table and "LUT / ReLU" in table

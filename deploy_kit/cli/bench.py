@@ -15,11 +15,15 @@ from deploy_kit.cli import emit, handle_errors, json_option, say
 @click.option("--warmup", default=20, show_default=True, help="Untimed batch-1 runs before timing.")
 @click.option("--repeats", default=200, show_default=True, help="Timed batch-1 runs (p50/p90 over these).")
 @click.option("--repeats32", default=20, show_default=True, help="Timed batch-32 runs for throughput.")
+@click.option("--rounds", default=1, show_default=True,
+              help="Measure every artifact this many times, interleaved, and report the median (noisy machines).")
 @click.option("--threads", default=1, show_default=True, help="Threads per runtime.")
 @click.option("--seed", default=0, show_default=True, help="Chooses the test images fed to the timed runs.")
+@click.option("--float-baseline/--no-float-baseline", default=True, show_default=True,
+              help="Also time the unquantized model in onnxruntime (variant `float`, not an export).")
 @json_option
 @handle_errors
-def command(exports, warmup, repeats, repeats32, threads, seed, as_json):
+def command(exports, warmup, repeats, repeats32, rounds, threads, seed, float_baseline, as_json):
     """Batch-1 latency p50/p90 after warm-up, throughput at batch 32, peak memory and size, per
     runtime, for the LUT model and the plain-ReLU model; writes bench.json and bench.md next
     to manifest.json.
@@ -30,8 +34,9 @@ def command(exports, warmup, repeats, repeats32, threads, seed, as_json):
     """
     from deploy_kit.bench import BENCH_MD, BenchConfig, bench_exports
 
-    report = bench_exports(BenchConfig(exports=exports, warmup=warmup, repeats=repeats, repeats32=repeats32,
-                                       threads=threads, seed=seed))
+    cfg = BenchConfig(exports=exports, warmup=warmup, repeats=repeats, repeats32=repeats32, rounds=rounds,
+                      threads=threads, seed=seed, float_baseline=float_baseline)
+    report = bench_exports(cfg)
     say((Path(exports) / BENCH_MD).read_text().rstrip())
     say(f"→ {Path(exports) / 'bench.json'}, {Path(exports) / BENCH_MD}")
     keys = ("runtime", "variant", "latency_ms_p50", "latency_ms_p90", "throughput_ips", "bytes")
