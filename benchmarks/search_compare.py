@@ -17,17 +17,19 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy_kit.search import PPOConfig, SearchConfig, run_search
+from deploy_kit.search import PPOConfig, RewardConfig, SearchConfig, run_search
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
 
-def run_one(teacher: Path, method: str, seed: int, episodes: int, prior_width: float) -> dict:
+def run_one(teacher: Path, method: str, seed: int, episodes: int, prior_width: float, images: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = SearchConfig(method=method, seed=seed, episodes=episodes, ppo=PPOConfig(prior_width=prior_width))
+        cfg = SearchConfig(method=method, seed=seed, episodes=episodes, ppo=PPOConfig(prior_width=prior_width),
+                           reward=RewardConfig(images=images))
         o = run_search(teacher, cfg, out=Path(tmp) / "result.json")
     curve = [e.best_reward for e in o.evaluations]
-    return {"method": method if method != "ppo" or prior_width else "ppo-noprior", "seed": seed,
+    label = method if method != "ppo" or prior_width == PPOConfig().prior_width else f"ppo-prior{prior_width:g}"
+    return {"method": label, "seed": seed,
             "evaluations": len(curve), "curve": curve, "best_reward": max(curve),
             "acc_drop": o.result.metrics["acc_drop"], "val_drop": o.result.metrics["val"]["acc_drop"],
             "seconds": round(o.seconds, 1), "evals_per_s": round(len(curve) / o.seconds, 2)}
@@ -66,20 +68,26 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, required=True)
     ap.add_argument("--episodes", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=["random", "ppo", "greedy", "ppo-noprior"])
+    ap.add_argument("--methods", nargs="+", default=["random", "ppo", "greedy", "ppo-prior0"],
+                    help="random | greedy | ppo | ppo-priorW (PPO with prior width W; 0 = no prior)")
+    ap.add_argument("--reward-images", type=int, default=RewardConfig().images)
+    ap.add_argument("--merge", type=Path, help="Earlier --out .json whose runs join the table.")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("search_compare.md"))
     args = ap.parse_args()
-    runs = []
+    runs = json.loads(args.merge.read_text()) if args.merge else []
     for method in args.methods:
         for seed in args.seeds:
-            name, width = ("ppo", 0.0) if method == "ppo-noprior" else (method, PPOConfig().prior_width)
-            runs.append(run_one(args.teacher, name, seed, args.episodes, width))
+            name, width = method, PPOConfig().prior_width
+            if method.startswith("ppo-prior"):
+                name, width = "ppo", float(method.removeprefix("ppo-prior"))
+            runs.append(run_one(args.teacher, name, seed, args.episodes, width, args.reward_images))
             r = runs[-1]
             print(f"{r['method']:<12} seed {seed}: best {r['best_reward']:.4f}  test drop {r['acc_drop']:.2f}  "
                   f"{r['seconds']}s", flush=True)
     md = table(runs, args.episodes)
     print(md)
-    args.out.write_text(f"teacher: {args.teacher}, budget {args.episodes} evaluations\n\n{md}\n")
+    args.out.write_text(f"teacher: {args.teacher}, budget {args.episodes} evaluations, "
+                        f"{args.reward_images} reward images\n\n{md}\n")
     args.out.with_suffix(".json").write_text(json.dumps(runs))
 
 

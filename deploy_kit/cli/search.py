@@ -29,7 +29,7 @@ def _layer_list(_ctx, _param, value):
 @click.option("--top-n", default=5, show_default=True, help="Best-reward candidates re-scored on validation.")
 @click.option("--temperature", default=2.0, show_default=True, help="Distillation temperature T of the KL term.")
 @click.option("--at-weight", default=100.0, show_default=True, help="λ of the attention-transfer term.")
-@click.option("--reward-images", default=256, show_default=True, help="Fixed train images every reward uses.")
+@click.option("--reward-images", default=512, show_default=True, help="Fixed train images every reward uses.")
 @click.option("--tmax-percentile", default=90.0, show_default=True, help="tmax = this percentile of non-zero codes …")
 @click.option("--tmax-offset", default=10, show_default=True, help="… plus this offset (at least 15, at most qmax).")
 @click.option("--tmax-fixed", type=int, default=None, help="Use this tmax code for every layer instead.")

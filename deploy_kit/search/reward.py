@@ -35,7 +35,7 @@ STACK_BYTES = 96 << 20  # activation memory one stacked forward may use; bounds 
 class RewardConfig:
     temperature: float = 2.0
     at_weight: float = 100.0  # the research system's weight; AT values are ~1e-4..1e-2
-    images: int = 256
+    images: int = 512
     at_layers: tuple[str, ...] | None = None  # None: every searched layer with a spatial output
 
     def __post_init__(self):
