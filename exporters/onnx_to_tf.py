@@ -452,8 +452,10 @@ def run(graph: Graph, x_nhwc, keep: bool = False) -> dict:
     return values if keep else {n: values[n] for n in graph.output_names}
 
 
-def tf_module(graph: Graph, batch: int | None = 1):
+def tf_module(graph: Graph, batch: int | None = None):
     """A tf.Module whose `serve` is the traced graph: NHWC float input → {output name: tensor}.
+    The batch dimension stays dynamic (shape_signature −1): LiteRT resizes it, and the
+    manifest says "batch", as for ONNX.
     The module is the converter's `trackable_obj` (it owns the function)."""
     tf = _tf()
     shape = (batch, *graph.nhwc_input_shape()[1:])

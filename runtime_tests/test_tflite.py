@@ -117,7 +117,7 @@ def test_manifest_io_is_nhwc_int8_on_the_teachers_input_grid(run):
     (inp,), (out,) = entry["inputs"], entry["outputs"]
     c, h, w = run["teacher"].meta["input_shape"]
     assert inp["name"] == "input" and out["name"] == "logits"
-    assert inp["shape"] == [1, h, w, c] and inp["layout"] == "NHWC" and inp["dtype"] == "int8"
+    assert inp["shape"] == ["batch", h, w, c] and inp["layout"] == "NHWC" and inp["dtype"] == "int8"
     iq = run["teacher"].meta["input_quant"]
     assert inp["quantization"] == {"scale": pytest.approx(iq["scale"], rel=1e-6), "zero_point": iq["zero_point"] - 128}
     assert entry["float_check"]["max_abs_diff"] <= 1e-4
