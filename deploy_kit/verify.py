@@ -244,6 +244,33 @@ def ordered(items: list[rn.Artifact]) -> list[rn.Artifact]:
     return sorted(items, key=lambda a: (a.variant != "lut", order.index(a.target)))
 
 
+def reference_rows(teacher, student, x: np.ndarray, labels: np.ndarray) -> tuple[References, list[Row]]:
+    """The PyTorch models every export is scored against, and their own (unjudged) rows."""
+    teacher_runner, int8 = rn.TeacherRunner(teacher), rn.Int8TeacherRunner(teacher)
+    t_logits, t_ips = timed_predict(teacher_runner, x)
+    s_logits, s_ips = timed_predict(student, x)
+    refs = References(labels, t_logits, s_logits, percent(t_logits.argmax(1) == labels))
+    rows = [score(teacher_runner, teacher_runner.artifact, "relu", t_logits, t_ips, refs, checked=False),
+            score(student, student.artifact, "lut", s_logits, s_ips, refs, checked=False),
+            score(int8, int8.artifact, "relu", *timed_predict(int8, x), refs, checked=False)]
+    return refs, rows
+
+
+def export_row(art: rn.Artifact, runtime: str, cfg: VerifyConfig, x: np.ndarray, refs: References, student,
+               luts: dict[str, LayerLUT], layer_quant: dict[str, ActivationQuant]) -> Row:
+    """One runtime on one artifact: scored, judged, and localized if asked and it disagrees."""
+    runner = rn.make_runner(art, cfg.exports, runtime=runtime, threads=cfg.threads)
+    logits, ips = timed_predict(runner, x)
+    row = score(runner, art.relpath, art.variant, logits, ips, refs, checked=True)
+    judge(row, cfg)
+    disagree = logits.argmax(1) != (refs.student if art.variant == "lut" else refs.teacher).argmax(1)
+    if cfg.localize and art.variant == "lut" and (row.failures or disagree.any()):
+        row.localize = localize(student, runner, x, disagree, luts, layer_quant)
+        if row.failures:
+            row.failures.append(localize_message(row.localize))
+    return row
+
+
 def verify_exports(cfg: VerifyConfig, progress: bool = True) -> VerifyReport:
     """Hash check, then every runtime on the whole split; writes verify.json next to the
     manifest (replaced on each run: it is the record of the latest verification)."""
@@ -256,33 +283,16 @@ def verify_exports(cfg: VerifyConfig, progress: bool = True) -> VerifyReport:
     rn.check_hashes(items)
     teacher = rn.load_manifest_teacher(manifest, exports)
     luts, _ = rn.manifest_luts(manifest)
-    layer_quant = teacher.layer_quant
     spec, split = load_split(cfg, manifest, teacher)
     x = normalize(split.images, teacher.norm)
-
-    teacher_runner, student = rn.TeacherRunner(teacher), rn.StudentRunner(teacher, luts)
-    t_logits, t_ips = timed_predict(teacher_runner, x)
-    s_logits, s_ips = timed_predict(student, x)
-    refs = References(split.labels, t_logits, s_logits, percent(t_logits.argmax(1) == split.labels))
-    rows = [score(teacher_runner, teacher_runner.artifact, "relu", t_logits, t_ips, refs, checked=False),
-            score(student, student.artifact, "lut", s_logits, s_ips, refs, checked=False)]
-    int8 = rn.Int8TeacherRunner(teacher)
-    rows.append(score(int8, int8.artifact, "relu", *timed_predict(int8, x), refs, checked=False))
+    student = rn.StudentRunner(teacher, luts)
+    refs, rows = reference_rows(teacher, student, x, split.labels)
 
     jobs = [(a, runtime) for a in ordered(items) for runtime in rn.runtimes_for(a)]
     bar = tqdm(jobs, desc="verify", unit="runtime", disable=None if progress else True, leave=False)
     for art, runtime in bar:
         bar.set_postfix_str(f"{runtime} {art.relpath}")
-        runner = rn.make_runner(art, exports, runtime=runtime, threads=cfg.threads)
-        logits, ips = timed_predict(runner, x)
-        row = score(runner, art.relpath, art.variant, logits, ips, refs, checked=True)
-        judge(row, cfg)
-        disagree = logits.argmax(1) != (s_logits if art.variant == "lut" else t_logits).argmax(1)
-        if cfg.localize and art.variant == "lut" and (row.failures or disagree.any()):
-            row.localize = localize(student, runner, x, disagree, luts, layer_quant)
-            if row.failures:
-                row.failures.append(localize_message(row.localize))
-        rows.append(row)
+        rows.append(export_row(art, runtime, cfg, x, refs, student, luts, teacher.layer_quant))
     report = VerifyReport(exports, spec, cfg.split, len(split), {"max_drop": cfg.max_drop,
                           "min_agreement": cfg.min_agreement}, rows, time.perf_counter() - start)
     write_json(exports / VERIFY_NAME, report.to_json())
