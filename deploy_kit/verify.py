@@ -258,15 +258,18 @@ def reference_rows(teacher, student, x: np.ndarray, labels: np.ndarray) -> tuple
 
 def export_row(art: rn.Artifact, runtime: str, cfg: VerifyConfig, x: np.ndarray, refs: References, student,
                luts: dict[str, LayerLUT], layer_quant: dict[str, ActivationQuant]) -> Row:
-    """One runtime on one artifact: scored, judged, and localized if asked and it disagrees."""
+    """One runtime on one artifact: scored, judged, and (--localize) its LUT codes checked."""
     runner = rn.make_runner(art, cfg.exports, runtime=runtime, threads=cfg.threads)
     logits, ips = timed_predict(runner, x)
     row = score(runner, art.relpath, art.variant, logits, ips, refs, checked=True)
     judge(row, cfg)
-    disagree = logits.argmax(1) != (refs.student if art.variant == "lut" else refs.teacher).argmax(1)
-    if cfg.localize and art.variant == "lut" and (row.failures or disagree.any()):
+    if cfg.localize and art.variant == "lut":
+        disagree = logits.argmax(1) != refs.student.argmax(1)
         row.localize = localize(student, runner, x, disagree, luts, layer_quant)
-        if row.failures:
+        # A LUT that misreads its own input codes is a broken export even when too few images
+        # flip for the thresholds to notice: with the codes at hand, that is a failure too.
+        table_broken = any(e.get("table_mismatch", 0) > 0 for e in row.localize["layers"].values())
+        if row.failures or table_broken:
             row.failures.append(localize_message(row.localize))
     return row
 

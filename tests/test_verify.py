@@ -75,9 +75,11 @@ def verify_cli(*args):
 
 
 def test_clean_exports_pass_and_write_verify_json(exports):
-    report = verify_exports(VerifyConfig(exports=exports), progress=False)
+    report = verify_exports(VerifyConfig(exports=exports, localize=True), progress=False)
     assert report.passed, report.failures()
     checked = [r for r in report.rows if r.checked]
+    onnx_codes = next(r for r in checked if r.artifact == "model.onnx").localize["layers"]
+    assert onnx_codes and all(e["table_mismatch"] == 0 for e in onnx_codes.values())  # no false alarm
     assert {(r.artifact, r.variant) for r in checked} == {("model.onnx", "lut"), ("model.ort", "lut"),
                                                           ("relu/model.onnx", "relu"), ("relu/model.ort", "relu")}
     for row in checked:
@@ -112,6 +114,17 @@ def test_broken_lut_fails_and_localize_names_the_layer(exports, layer, constant,
     # everything before the broken layer still maps its own codes by the table
     layers = list(row["localize"]["layers"])
     assert all(row["localize"]["layers"][n]["table_mismatch"] == 0 for n in layers[:layers.index(layer)])
+
+
+def test_localize_fails_a_lut_that_breaks_its_table_even_when_top1_holds(exports):
+    """One code of shift in conv1's t2 changes a sliver of activations: maybe no top-1 flips,
+    but the LUT no longer maps its input codes by the table, and --localize says where."""
+    break_lut_constant(exports, "conv1", "t2", 1)
+    assert verify_cli("--exports", exports, "--max-drop", 100, "--min-agreement", 0).exit_code == 0
+    result = verify_cli("--exports", exports, "--max-drop", 100, "--min-agreement", 0, "--localize")
+    assert result.exit_code == 1, result.output
+    assert "onnxruntime [model.onnx]: first diverging layer conv1:" in result.stderr
+    assert "break the LUT table" in result.stderr
 
 
 def test_thresholds_are_applied(exports):

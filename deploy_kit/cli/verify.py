@@ -49,7 +49,9 @@ def render_localize(row) -> list[str]:
 @click.option("--max-drop", default=1.0, show_default=True, help="Max accuracy drop vs the teacher, in points.")
 @click.option("--min-agreement", default=99.0, show_default=True,
               help="Min top-1 agreement (%) with the student (LUT exports) or the teacher (ReLU exports).")
-@click.option("--localize", is_flag=True, help="For an export that disagrees, name the first diverging layer.")
+@click.option("--localize", is_flag=True,
+              help="Compare codes at every LUT with the student; name the first diverging layer, and fail an "
+                   "export whose LUT breaks its table even if top-1 agreement passes.")
 @click.option("--threads", type=int, default=None, help="Threads per runtime (default: the runtime's own).")
 @json_option
 @handle_errors
