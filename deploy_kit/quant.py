@@ -65,6 +65,9 @@ def freeze(model: ZooModel) -> ZooModel:
     """End of QAT: take weight scales from the final weights, then stop every observer."""
     for m in model.modules():
         if hasattr(m, "weight_fake_quant"):
+            # Forget the min/max seen during training: the scale must be max|w|/127 of the final
+            # weights (every channel then holds a ±127 code), or TFLite re-derives another scale.
+            m.weight_fake_quant.activation_post_process.reset_min_max_vals()
             m.weight_fake_quant.enable_observer()
             m.weight_fake_quant(m.weight.detach())
     model.apply(tq.disable_observer)

@@ -121,7 +121,10 @@ def test_manifest_io_is_nhwc_int8_on_the_teachers_input_grid(run):
     iq = run["teacher"].meta["input_quant"]
     assert inp["quantization"] == {"scale": pytest.approx(iq["scale"], rel=1e-6), "zero_point": iq["zero_point"] - 128}
     assert entry["float_check"]["max_abs_diff"] <= 1e-4
-    assert entry["weights"]["layers"] == len(run["teacher"].model.blocks())
+    # every weight tensor keeps the teacher's per-channel scale and int8 codes (quant.freeze makes
+    # max|code| = 127 per channel, so even the converter's own max|w|/127 lands on our scale)
+    blocks = len(run["teacher"].model.blocks())
+    assert entry["weights"]["layers"] == entry["weights"]["scales_equal"] == entry["weights"]["codes_equal"] == blocks
     float_entry = _entry(run["float_summary"], "lut")
     assert float_entry["inputs"][0]["dtype"] == "float32" and float_entry["inputs"][0]["quantization"] is None
 
