@@ -280,7 +280,9 @@ def layers_html(files: RunFiles) -> str:
     if files.teacher is not None:
         quant = {n: quant.get(n) or files.teacher.layer_quant[n] for n in names}
         try:
-            hists = teacher_histograms(files.teacher, names, seed=int(files.result.search.get("seed", 0)))
+            search = files.result.search  # the images the search's histograms came from, when recorded
+            hists = teacher_histograms(files.teacher, names, int(search.get("state_images", HISTOGRAM_IMAGES)),
+                                       int(search.get("seed", 0)))
         except DeployKitError as exc:
             out.append(_note(f"teacher histograms unavailable: {exc}"))
     else:
