@@ -33,6 +33,7 @@ from deploy_kit.lut import ActivationQuant, LayerLUT
 REPORT_NAME = "report.html"
 HISTOGRAM_IMAGES = 1024  # train images behind each code histogram: enough for a stable shape
 LUT_COLOR, RELU_COLOR, HIST_COLOR = "#d62728", "#7f7f7f", "#1f77b4"
+VARIANT_COLORS = {"lut": LUT_COLOR, "relu": RELU_COLOR, "float": HIST_COLOR}  # bench.json `variant`
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -197,7 +198,7 @@ def bench_figure(rows: list[dict]) -> str:
     fig = _figure(9.5, 0.45 * max(4, len(rows)) + 1.2)
     size_ax, lat_ax = fig.subplots(1, 2)
     labels = [f"{r['runtime']} · {r['artifact']}" for r in rows]
-    colors = [LUT_COLOR if r.get("variant") == "lut" else RELU_COLOR for r in rows]
+    colors = [VARIANT_COLORS.get(r.get("variant"), "#bcbd22") for r in rows]
     y = np.arange(len(rows))
     size_ax.barh(y, [r["bytes"] / 1024 for r in rows], color=colors)
     size_ax.set_yticks(y, labels, fontsize=8)
@@ -356,7 +357,8 @@ def bench_html(files: RunFiles) -> str:
         return "\n".join(out + [_note("bench.json holds no rows.")])
     s = b.get("settings", {})
     out.append(f"<p>{_e(s.get('threads', '?'))} thread(s), batch 1 latency over {_e(s.get('repeats', '?'))} runs; "
-               f"red: LUT model, grey: plain-ReLU teacher. Machine: {_e(b.get('machine', '?'))}</p>")
+               f"red: LUT model, grey: the INT8 ReLU teacher, blue: the float model (bench only). "
+               f"Machine: {_e(b.get('machine', '?'))}</p>")
     out.append(f'<figure class="bench">{_img(bench_figure(rows), "size and latency")}</figure>')
     table = [[_e(r["runtime"]), _e(r["artifact"]), _e(r.get("variant", "")), f"{r['bytes']:,}",
               f"{r['latency_ms_p50']:.3f}", f"{r.get('throughput_ips', 0):,.0f}"] for r in rows]
