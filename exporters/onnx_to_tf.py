@@ -85,6 +85,15 @@ def _fold(op: str, values: list[np.ndarray], attrs: dict) -> np.ndarray:
     return _dequantize(values[0], values[1], zero, attrs.get("axis", 1))
 
 
+def _symmetric_int8(node: onnx.NodeProto, constants: dict) -> bool:
+    """A DequantizeLinear of int8 codes in −127..127 with zero point 0: weights whose scales
+    a narrow-range fake quant can pin for the converter."""
+    if node.op_type != "DequantizeLinear" or constants[node.input[0]].dtype != np.int8:
+        return False
+    zero = constants[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(1)
+    return int(constants[node.input[0]].min(initial=0)) >= -127 and not np.any(zero)
+
+
 def _static_shape(value_info) -> tuple:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim)
 
@@ -101,7 +110,7 @@ def read_graph(proto: onnx.ModelProto) -> Graph:
             constants[n.output[0]] = numpy_helper.to_array(attrs["value"])
         elif n.op_type in FOLDABLE and n.input and all(i in constants for i in n.input if i):
             constants[n.output[0]] = _fold(n.op_type, [constants[i] for i in n.input if i], attrs)
-            if n.op_type == "DequantizeLinear" and constants[n.input[0]].dtype == np.int8:
+            if _symmetric_int8(n, constants):
                 weight_scales[n.output[0]] = np.atleast_1d(constants[n.input[1]]).astype(np.float32)
         else:
             if n.op_type in ("Conv", "Gemm") and len(n.input) > 1 and n.input[1] in weight_scales:

@@ -265,8 +265,10 @@ def export_tflite(onnx_path: Path, out_path: Path, *, io: str = "int8", calibrat
     float_check = onnx_to_tf.check_against_onnxruntime(proto, graph, _float_check_images(calibration))
     t1 = time.perf_counter()
     tflite = convert(graph, np.asarray(calibration, np.float32), io)
+    lut_names = sorted({n.name.split("/lut/")[0] for n in graph.nodes if n.op == "Less" and "/lut/" in n.name})
     lut_layers = sum(1 for n in graph.nodes if n.op == "Less") // OPS_PER_LUT["LESS"]
     info = check_full_integer(tflite, lut_layers, io)
+    check_lut_grid(tflite, {n: layer_quant[n] for n in lut_names if layer_quant and n in layer_quant})
     tflite = finalize(tflite, _onnx_metadata(proto), [graph.input_name], graph.output_names)
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
@@ -275,6 +277,22 @@ def export_tflite(onnx_path: Path, out_path: Path, *, io: str = "int8", calibrat
             "weights": weight_report(proto, tflite),
             "float_check": {**float_check, "seconds": round(t1 - t0, 2)},
             "convert_seconds": round(time.perf_counter() - t1, 2)}
+
+
+def check_lut_grid(tflite: bytes, layer_quant: dict[str, ActivationQuant]) -> None:
+    """Each LUT's input and output tensor must sit on the teacher's grid (scale s, zero point
+    z−128): then the int8 codes TFLite compares and selects are the teacher's codes + const."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=bytes(tflite))
+    details = {t["index"]: t for t in interpreter.get_tensor_details()}
+    for layer, aq in layer_quant.items():
+        for index in lut_tensors(interpreter, layer):
+            scale, zero = details[index]["quantization"]
+            if not np.isclose(scale, aq.scale, rtol=1e-6, atol=0) or zero != aq.zero_point - 128:
+                raise ExportError(f"layer {layer}: TFLite LUT tensor {details[index]['name']!r} is quantized with "
+                                  f"scale {scale:.6g}, zero point {zero}; expected the teacher's {aq.scale:.6g}, "
+                                  f"{aq.zero_point - 128} (z−128) — the converter moved the LUT off the grid")
 
 
 def lut_tensors(interpreter, layer: str) -> tuple[int, int]:

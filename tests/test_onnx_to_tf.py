@@ -151,7 +151,7 @@ def test_lut_layer_int8_codes_equal_the_code_table_for_every_code(tmp_path, aq, 
     onnx.save(lut_layer_model(lut, aq), str(path))
     codes = np.arange(256).reshape(1, 1, 16, 16)
     x = aq.value(codes).astype(np.float32)
-    details = tflite.export_tflite(path, tmp_path / "lut.tflite", io=io, calibration=x)
+    details = tflite.export_tflite(path, tmp_path / "lut.tflite", io=io, calibration=x, layer_quant={"layer": aq})
     info = tflite.check_full_integer(tmp_path / "lut.tflite", lut_layers=1, io=io)
     assert info["ops"]["LESS"] == 3 and info["ops"]["SELECT_V2"] == 3
 
@@ -183,3 +183,5 @@ def test_checker_rejects_float_tensors_and_wrong_lut_op_counts(tmp_path):
         tflite.check_full_integer(tmp_path / "lut.tflite", lut_layers=1, io="int8")
     with pytest.raises(ExportError, match="3 LESS ops, expected 3 per LUT layer × 2"):
         tflite.check_full_integer(tmp_path / "lut.tflite", lut_layers=2, io="float")
+    with pytest.raises(ExportError, match="layer layer: TFLite LUT tensor .* expected the teacher's 0.025"):
+        tflite.check_lut_grid((tmp_path / "lut.tflite").read_bytes(), {"layer": ActivationQuant(0.025, 0)})
