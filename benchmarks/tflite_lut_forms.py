@@ -1,0 +1,129 @@
+"""The LUT's cost in TFLite INT8 (LiteRT + XNNPACK), in two exact forms, after conv blocks.
+
+    python benchmarks/tflite_lut_forms.py [--layers 4] [--channels 32] [--rounds 3]
+
+`select`  the exported form: LESS/SELECT_V2 ×3 (exporters/tflite.py). XNNPACK takes neither
+          op, so the graph splits around every LUT and SELECT_V2 runs in a builtin kernel.
+`minmax`  a branch-free form on the same grid: s·[q > t] = min(max(x, a), a + s) − a with
+          a = s·(t − z), so LUT(x) = (v1−z)·step(t1) + (v2−v1)·step(t2) + (tmax−v2)·step(tmax)
+          + max(x, a_tmax) − a_tmax — MINIMUM/MAXIMUM/SUB/MUL/ADD, all XNNPACK int8 ops.
+Both are first checked on all 256 input codes against the code table; then each model
+(`layers` × conv3x3 → ReLU [→ LUT] on 1×32×32×channels) is timed at batch 1, one thread.
+"""
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import tensorflow as tf  # noqa: E402
+from ai_edge_litert.interpreter import Interpreter  # noqa: E402
+
+# One activation grid (s, z) and one LUT on it; ranges fixed by fake-quant as the exporter does.
+s, z = 0.05, 0
+t1, v1, t2, v2, tmax = 3, 6, 10, 14, 20
+LO, HI = s * (0 - z), s * (255 - z)
+rng = np.random.default_rng(0)
+
+
+def fq(x):
+    return tf.quantization.fake_quant_with_min_max_vars(x, LO, HI)
+
+
+def th(t):  # half-code threshold (DESIGN.md §2)
+    return np.float32(s * (t - z + 0.5))
+
+
+def val(c):
+    return np.float32(s * (c - z))
+
+
+def lut_select(x):
+    y = tf.where(x < th(tmax), val(v2), x)
+    y = tf.where(x < th(t2), val(v1), y)
+    return tf.where(x < th(t1), val(z), y)
+
+
+def step(x, t):  # s·[q > t] on the grid: clamp(x, a, a+s) - a, a = s·(t-z)
+    a = val(t)
+    return fq(fq(tf.minimum(fq(tf.maximum(x, a)), a + np.float32(s))) - a)
+
+
+def lut_minmax(x):
+    y = fq(step(x, t1) * np.float32(v1 - z))
+    y = fq(y + fq(step(x, t2) * np.float32(v2 - v1)))
+    y = fq(y + fq(step(x, tmax) * np.float32(tmax - v2)))
+    return fq(y + fq(fq(tf.maximum(x, val(tmax))) - val(tmax)))
+
+
+def build(act, layers, channels):
+    W = (rng.standard_normal((3, 3, channels, channels)) * 0.1).astype(np.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 32, 32, channels], tf.float32)])
+    def f(x):
+        x = fq(x)
+        for _ in range(layers):
+            x = fq(tf.nn.relu(tf.nn.conv2d(x, W, 1, "SAME")))
+            if act is not None:
+                x = fq(act(x))
+        return x
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()])
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([rng.uniform(0, 5, (1, 32, 32, channels)).astype(np.float32)] for _ in range(8))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = conv.inference_output_type = tf.int8
+    return conv.convert()
+
+
+def lat(model, x, n=300):
+    it = Interpreter(model_content=model, num_threads=1); it.allocate_tensors()
+    d = it.get_input_details()[0]; sc, zp = d["quantization"]
+    it.set_tensor(d["index"], np.clip(np.rint(x / sc) + zp, -128, 127).astype(np.int8))
+    for _ in range(20): it.invoke()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter(); it.invoke(); ts.append(time.perf_counter() - t)
+    return np.median(ts) * 1e3
+
+
+def exact(act):
+    """TFLite INT8 output codes of `act` alone for every input code vs the table."""
+    @tf.function(input_signature=[tf.TensorSpec([256], tf.float32)])
+    def g(x):
+        return fq(act(fq(x)))
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([g.get_concrete_function()])
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([np.linspace(LO, HI, 256).astype(np.float32)] for _ in range(2))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = conv.inference_output_type = tf.int8
+    it = Interpreter(model_content=conv.convert()); it.allocate_tensors()
+    di, do = it.get_input_details()[0], it.get_output_details()[0]
+    codes = np.arange(256)
+    it.set_tensor(di["index"], (codes + di["quantization"][1]).astype(np.int8)); it.invoke()
+    out = it.get_tensor(do["index"]).astype(int) - do["quantization"][1]
+    want = np.where(codes <= t1, z, np.where(codes <= t2, v1, np.where(codes <= tmax, v2, codes)))
+    return int((out != want).sum()), di["quantization"], do["quantization"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args()
+    for name, act in (("select", lut_select), ("minmax", lut_minmax)):
+        wrong, qin, qout = exact(act)
+        print(f"{name}: {wrong} of 256 codes differ from the table (input quant {qin}, output {qout})")
+    x = rng.uniform(-1, 4, (1, 32, 32, a.channels)).astype(np.float32)
+    models = {k: build(act, a.layers, a.channels) for k, act in (("relu", None), ("select", lut_select), ("minmax", lut_minmax))}
+    print("| round | relu ms | select ms | minmax ms | select/relu | minmax/relu |\n|---|---:|---:|---:|---:|---:|")
+    for r in range(a.rounds):
+        t = {k: lat(m, x) for k, m in models.items()}
+        print(f"| {r} | {t['relu']:.3f} | {t['select']:.3f} | {t['minmax']:.3f} | {t['select'] / t['relu']:.2f} | "
+              f"{t['minmax'] / t['relu']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
