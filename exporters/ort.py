@@ -23,7 +23,7 @@ from deploy_kit.errors import ExportError
 
 CONFIG_NAME = "required_operators.config"
 # Session options the .ort file needs at load time. Empty: uint8 activations fuse to
-# QLinearConv without `session.qdqisint8allowed` (checked by tests/test_export_ort.py).
+# QLinearConv without `session.qdqisint8allowed` (checked by runtime_tests/test_onnx_ort.py).
 SESSION_OPTIONS: dict[str, str] = {}
 
 
