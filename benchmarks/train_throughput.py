@@ -1,8 +1,8 @@
 """Training throughput (images/s) of every zoo architecture on 3×32×32 input: a float step and a
 QAT step (fake-quant weights and activations), so later stages can size their defaults.
 
-    python benchmarks/train_throughput.py                # width 1.0, batch 128, 3 timed steps each
-    python benchmarks/train_throughput.py --models lenet5 nin --steps 5
+    python benchmarks/train_throughput.py                       # width 1.0, batch 128, 3 timed steps each
+    python benchmarks/train_throughput.py --widths 1.0 0.25 --steps 2
 
 Prints a markdown table and writes it to benchmarks/train_throughput.md. The input is real
 digits images replicated to three channels: throughput does not depend on content, but the
@@ -65,22 +65,24 @@ def measure(arch: str, x, y, width: float, warmup: int, steps: int) -> dict:
     return {"model": arch, "params": params, "taps": len(model.taps()), "float": float_ips, "qat": qat_ips}
 
 
-def render(rows: list[dict], args) -> str:
+def render(tables: dict[float, list[dict]], args) -> str:
     load = os.getloadavg()
     lines = [
-        f"# Training throughput, 3×32×32, batch {args.batch}, width {args.width}",
+        f"# Training throughput, 3×32×32, batch {args.batch}",
         "",
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs "
-        f"({platform.processor() or platform.machine()}); load average at the end "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) (`deploykit train`'s default), "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); load average at the end "
         f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}. {args.warmup} warm-up + {args.steps} timed steps per cell.",
         "The machine is shared: other jobs ran at the same time, so read these as lower bounds.",
-        "",
-        "| model | params | taps | float img/s | QAT img/s | QAT/float | 1 QAT epoch of 50k images |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.2f} M | {r['taps']} | {r['float']:.0f} | {r['qat']:.0f} "
-                     f"| {r['qat'] / r['float']:.2f} | {50000 / r['qat'] / 60:.1f} min |")
+    for width, rows in tables.items():
+        lines += ["", f"## width {width}", "",
+                  "| model | params | taps | float img/s | QAT img/s | QAT/float | 1 QAT epoch of 50k images |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            params = f"{r['params'] / 1e6:.2f} M" if r["params"] >= 1e5 else f"{r['params'] / 1e3:.1f} k"
+            lines.append(f"| {r['model']} | {params} | {r['taps']} | {r['float']:.0f} | {r['qat']:.0f} "
+                         f"| {r['qat'] / r['float']:.2f} | {50000 / r['qat'] / 60:.1f} min |")
     return "\n".join(lines) + "\n"
 
 
@@ -88,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--widths", type=float, nargs="+", default=[1.0])
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (train's default is 1)")
@@ -96,12 +98,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x, y = _batch(args.batch)
-    rows = []
-    for arch in args.models:
-        rows.append(measure(arch, x, y, args.width, args.warmup, args.steps))
-        r = rows[-1]
-        print(f"{arch}: float {r['float']:.0f} img/s, QAT {r['qat']:.0f} img/s", flush=True)
-    table = render(rows, args)
+    tables = {}
+    for width in args.widths:
+        tables[width] = []
+        for arch in args.models:
+            r = measure(arch, x, y, width, args.warmup, args.steps)
+            tables[width].append(r)
+            print(f"{arch} @ width {width}: float {r['float']:.0f} img/s, QAT {r['qat']:.0f} img/s", flush=True)
+    table = render(tables, args)
     print(table)
     args.out.write_text(table)
 
