@@ -7,11 +7,11 @@ Measurements, per (runtime, artifact):
   throughput   batch 32 (looped at batch 1 by a fixed-size model), images/s over `repeats32` runs
   peak memory  growth of peak RSS (VmHWM) over the RSS just before the model is loaded: model,
                arenas and both workloads. Linux only (None elsewhere).
+  size         the artifact's bytes
 
 Every artifact is measured in a fresh Python process: in one long process, memory freed by the
 previous runner is reused by the next one (its RSS growth reads as ~0), and allocator and
 thread-pool state would carry over into the timings.
-  size         the artifact's bytes
 
 The LUT's cost is the ratio of the LUT variant to the ReLU variant of the same target.
 Inputs are real test images (normalized), never zeros: TFLite's builtin SELECT_V2 branches per
@@ -36,7 +36,7 @@ import numpy as np
 
 from deploy_kit import runners as rn
 from deploy_kit.data import load_dataset, normalize
-from deploy_kit.errors import ConfigError
+from deploy_kit.errors import ConfigError, ExportError
 from deploy_kit.fsutil import atomic_path, write_json
 
 BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
@@ -167,7 +167,7 @@ def bench_artifact(art: rn.Artifact, runtime: str, exports: Path, cfg: BenchConf
     done = subprocess.run([sys.executable, "-m", "deploy_kit.bench", json.dumps(job)], capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"bench of {art.relpath} in {runtime} failed: {last}")
+        raise ExportError(f"{art.relpath} could not be run in {runtime}: {last}")
     m = json.loads(done.stdout.strip().splitlines()[-1])
     name = "float.onnx (not exported)" if art.variant == FLOAT_VARIANT else art.relpath
     return BenchRow(m["runtime"], art.target, art.variant, name, art.path.stat().st_size,
