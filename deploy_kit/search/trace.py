@@ -6,6 +6,7 @@ keeps the best, and feeds the episode log and the progress bar.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,12 +22,13 @@ class Evaluation:
     candidate: Candidate
     score: Score
     best_reward: float  # best reward so far, including this one
+    seconds: float  # since the search started; only in the log, never in result.json
 
     def log_entry(self) -> dict:
         s = self.score
         return {"evaluation": self.index, "reward": round(s.reward, 6), "kl": round(s.kl, 6), "at": round(s.at, 8),
                 "agreement": round(s.agreement, 2), "acc_drop": round(s.acc_drop, 2),
-                "best_reward": round(self.best_reward, 6),
+                "best_reward": round(self.best_reward, 6), "seconds": round(self.seconds, 3),
                 "layers": {n: [l.t1, l.v1, l.t2, l.v2, l.tmax] for n, l in self.candidate.items()}}
 
 
@@ -34,6 +36,7 @@ class Trace:
     def __init__(self, reward: RewardModel, budget: int, on_evaluation: Callable[[Evaluation], None] | None = None):
         self.reward, self.budget, self.on_evaluation = reward, budget, on_evaluation
         self.evaluations: list[Evaluation] = []
+        self.start = time.perf_counter()
 
     @property
     def remaining(self) -> int:
@@ -50,7 +53,7 @@ class Trace:
         best = self.best.score.reward if self.evaluations else float("-inf")
         for cand, score in zip(candidates, scores):
             best = max(best, score.reward)
-            ev = Evaluation(len(self.evaluations) + 1, cand, score, best)
+            ev = Evaluation(len(self.evaluations) + 1, cand, score, best, time.perf_counter() - self.start)
             self.evaluations.append(ev)
             if self.on_evaluation:
                 self.on_evaluation(ev)
