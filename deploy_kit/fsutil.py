@@ -62,3 +62,11 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_json(path: Path, error: type[Exception], label: str | None = None, fix: str = ""):
+    """Parse a JSON file; a corrupt one raises `error` with one line naming it (and the fix)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{label or path}: not valid JSON ({exc}){fix}") from None

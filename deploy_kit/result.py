@@ -7,11 +7,11 @@ and every error names the file, the layer and the broken rule.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy_kit.errors import ConfigError
+from deploy_kit.fsutil import read_json
 from deploy_kit.lut import CODE_FIELDS, ActivationQuant, LayerLUT
 
 SCHEMA = "deploykit-result/1"
@@ -108,10 +108,7 @@ def load_result(path: Path) -> SearchResult:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; pass the result.json written by `deploykit search`")
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path.name}: not valid JSON ({exc})") from None
+    obj = read_json(path, ConfigError, label=path.name)
     r = parse_result(obj, path.name)
     return SearchResult(**{**r.__dict__, "path": path})
 

@@ -12,7 +12,6 @@ runtime and the student can be compared layer by layer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from deploy_kit.errors import ConfigError, ExportError
-from deploy_kit.fsutil import sha256_file
+from deploy_kit.fsutil import read_json, sha256_file
 
 if TYPE_CHECKING:  # deploy_kit.lut imports torch; the ORT/LiteRT runners must not pay for it
     from deploy_kit.lut import ActivationQuant, LayerLUT
@@ -367,10 +366,7 @@ def load_manifest(exports_dir: Path) -> dict:
     path = Path(exports_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ConfigError(f"{path}: no manifest; pass the folder written by `deploykit export` (it holds {MANIFEST_NAME})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc}); re-run `deploykit export`") from None
+    manifest = read_json(path, ConfigError, fix="; re-run `deploykit export`")
     if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA:
         found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
         raise ConfigError(f"{path}: expected schema {MANIFEST_SCHEMA}, found {found!r}")

@@ -7,7 +7,6 @@ Loading never unpickles: safetensors holds only tensors, the sidecar is JSON.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from deploy_kit import quant
 from deploy_kit.data import Normalization
 from deploy_kit.errors import CheckpointError
-from deploy_kit.fsutil import atomic_path, sha256_file, write_json
+from deploy_kit.fsutil import atomic_path, read_json, sha256_file, write_json
 from deploy_kit.lut import ActivationQuant, LayerLUT, LUTActivation
 from deploy_kit.models import ZooModel, build_model
 
@@ -95,10 +94,7 @@ def _resolve(path: Path) -> Path:
 def load_teacher(path: Path, expect_model: str | None = None) -> Teacher:
     """Load a teacher from its run folder, sidecar or weights file; checks format, hash, model."""
     sidecar = _resolve(path)
-    try:
-        meta = json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{sidecar} is not valid JSON ({exc}); re-run `deploykit train`") from None
+    meta = read_json(sidecar, CheckpointError, fix="; re-run `deploykit train`")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{sidecar}: expected a {FORMAT} sidecar, found format={meta.get('format') if isinstance(meta, dict) else None!r}")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
