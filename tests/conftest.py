@@ -33,3 +33,29 @@ def lenet_teacher(tmp_path_factory, deploykit_cache) -> Path:
     out = tmp_path_factory.mktemp("lenet_teacher")
     train_teacher(TrainConfig(**LENET_TEACHER_CONFIG), out)
     return out
+
+
+LUT_CODES = {"t1_code": 2, "v1_code": 5, "t2_code": 9, "v2_code": 14, "tmax_code": 24}
+
+
+@pytest.fixture(scope="session")
+def export_lenet_run(lenet_teacher, tmp_path_factory):
+    """Factory: a copy of the session teacher with a result.json (LUT_CODES at every layer) and its
+    exports for `targets`; returns the exports folder."""
+    import shutil
+
+    from deploy_kit.export import ExportConfig, export
+    from deploy_kit.fsutil import write_json
+    from deploy_kit.teacher import load_teacher
+
+    def make(name: str, targets: tuple[str, ...]) -> Path:
+        run = tmp_path_factory.mktemp(name)
+        for f in lenet_teacher.iterdir():
+            shutil.copy(f, run / f.name)
+        teacher = load_teacher(run)
+        write_json(run / "result.json", {"model": teacher.arch, "layers": {n: dict(LUT_CODES) for n in teacher.layer_quant},
+                                         "teacher": {"path": ".", "sha256": teacher.sha256}})
+        export(ExportConfig(result_path=run / "result.json", targets=targets))
+        return run / "exports"
+
+    return make

@@ -4,30 +4,18 @@ not asserted, only that every artifact is measured and the report is complete)."
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from click.testing import CliRunner
 
 from deploy_kit.bench import BenchRow, lut_ratios
 from deploy_kit.cli import main
-from deploy_kit.export import ExportConfig, export
-from deploy_kit.fsutil import write_json
-from deploy_kit.teacher import load_teacher
 
-CODES = {"t1_code": 2, "v1_code": 5, "t2_code": 9, "v2_code": 14, "tmax_code": 24}
 
 
 @pytest.fixture(scope="module")
-def exports(lenet_teacher, tmp_path_factory):
-    run = tmp_path_factory.mktemp("bench_run")
-    for f in lenet_teacher.iterdir():
-        shutil.copy(f, run / f.name)
-    teacher = load_teacher(run)
-    write_json(run / "result.json", {"model": teacher.arch, "layers": {n: dict(CODES) for n in teacher.layer_quant},
-                                     "teacher": {"path": ".", "sha256": teacher.sha256}})
-    export(ExportConfig(result_path=run / "result.json", targets=("onnx", "ort")))
-    return run / "exports"
+def exports(export_lenet_run):
+    return export_lenet_run("bench_run", ("onnx", "ort"))
 
 
 @pytest.mark.slow  # one fresh process per artifact

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -11,24 +10,15 @@ import pytest
 from deploy_kit import runners as rn
 from deploy_kit.data import load_dataset, normalize
 from deploy_kit.errors import ConfigError, ExportError
-from deploy_kit.export import ExportConfig, export
-from deploy_kit.fsutil import write_json
 from deploy_kit.lut import ActivationQuant
 from deploy_kit.teacher import load_teacher
 
-CODES = {"t1_code": 2, "v1_code": 5, "t2_code": 9, "v2_code": 14, "tmax_code": 24}
 
 
 @pytest.fixture(scope="module")
-def setup(lenet_teacher, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runners_run")
-    for f in lenet_teacher.iterdir():
-        shutil.copy(f, run / f.name)
-    teacher = load_teacher(run)
-    write_json(run / "result.json", {"model": teacher.arch, "layers": {n: dict(CODES) for n in teacher.layer_quant},
-                                     "teacher": {"path": ".", "sha256": teacher.sha256}})
-    export(ExportConfig(result_path=run / "result.json", targets=("onnx",)))
-    exports = run / "exports"
+def setup(export_lenet_run):
+    exports = export_lenet_run("runners_run", ("onnx",))
+    teacher = load_teacher(exports.parent)
     manifest = rn.load_manifest(exports)
     luts, _ = rn.manifest_luts(manifest)
     test = load_dataset(teacher.meta["data"], teacher.meta["seed"]).split("test")

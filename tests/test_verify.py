@@ -18,27 +18,17 @@ from click.testing import CliRunner
 
 from deploy_kit.cli import main
 from deploy_kit.errors import ConfigError, ExportError, VerificationError
-from deploy_kit.export import ExportConfig, export
 from deploy_kit.fsutil import sha256_file, write_json
 from deploy_kit.lut import ActivationQuant
-from deploy_kit.teacher import load_teacher
 from deploy_kit.verify import VerifyConfig, mean_kl, verify_exports
 
-CODES = {"t1_code": 2, "v1_code": 5, "t2_code": 9, "v2_code": 14, "tmax_code": 24}
 ORT_TARGETS = ("onnx", "ort")
 
 
 @pytest.fixture(scope="module")
-def clean_exports(lenet_teacher, tmp_path_factory) -> Path:
+def clean_exports(export_lenet_run) -> Path:
     """A run folder (copy of the session teacher) with result.json and its ONNX + ORT exports."""
-    run = tmp_path_factory.mktemp("verify_run")
-    for f in lenet_teacher.iterdir():
-        shutil.copy(f, run / f.name)
-    teacher = load_teacher(run)
-    write_json(run / "result.json", {"model": teacher.arch, "layers": {n: dict(CODES) for n in teacher.layer_quant},
-                                     "teacher": {"path": ".", "sha256": teacher.sha256}})
-    export(ExportConfig(result_path=run / "result.json", targets=ORT_TARGETS))
-    return run / "exports"
+    return export_lenet_run("verify_run", ORT_TARGETS)
 
 
 @pytest.fixture
