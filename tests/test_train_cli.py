@@ -28,7 +28,7 @@ def _files(folder):
 
 
 def _one_error_line(result) -> str:
-    """The single error line on stderr (click's usage errors add a Usage/Try preamble)."""
+    """The single error line on stderr."""
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     lines = [l for l in result.stderr.splitlines() if l.lower().startswith("error")]
     assert len(lines) == 1, result.stderr

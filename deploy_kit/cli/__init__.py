@@ -70,7 +70,31 @@ def handle_errors(f):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class DeployKitGroup(click.Group):
+    """Usage errors (an unknown choice, a missing option) get the same one-line form as every
+    other bad input — `error: …` plus where to look — instead of click's usage preamble."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help(), err=True)
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = f"{exc.ctx.command_path} --help" if exc.ctx else "deploykit --help"
+            click.echo(f"error: {exc.format_message()} (see `{where}`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=DeployKitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="deploykit")
 def main():
     """deploykit: take an INT8 CNN from training to mobile runtimes, and prove the exports match.
