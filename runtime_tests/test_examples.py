@@ -69,16 +69,17 @@ def _top3(logits: np.ndarray, classes: list[str]) -> list[list[str]]:
     return [[classes[i] for i in np.argsort(-row, kind="stable")[:3]] for row in logits]
 
 
+@pytest.mark.parametrize("variant", ["lut", "relu"])
 @pytest.mark.parametrize("runtime", sorted(TARGET_OF))
-def test_classify_matches_deploykit_runner(exports, digit_pngs, runtime):
+def test_classify_matches_deploykit_runner(exports, digit_pngs, runtime, variant):
     paths, pixels = digit_pngs
-    done = _classify(exports, paths, "--runtime", runtime, "--json")
+    done = _classify(exports, paths, "--runtime", runtime, "--variant", variant, "--json")
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["image"] for r in rows] == [str(p) for p in paths]
 
     manifest = load_manifest(exports)
-    entry = next(a for a in manifest["artifacts"] if a["target"] == TARGET_OF[runtime] and a["variant"] == "lut")
+    entry = next(a for a in manifest["artifacts"] if a["target"] == TARGET_OF[runtime] and a["variant"] == variant)
     assert {r["model"] for r in rows} == {entry["path"]}
     runner = make_runner(entry, exports)
     logits = runner.predict(normalize(pixels, load_teacher(exports.parent).norm))
@@ -113,12 +114,14 @@ def test_classify_refuses_a_tampered_artifact(exports, digit_pngs, tmp_path, run
     assert "sha256 mismatch" in done.stderr and entry["path"] in done.stderr and "Traceback" not in done.stderr
 
 
-def test_classify_reports_missing_manifest_and_unreadable_image(exports, tmp_path):
+def test_classify_reports_missing_manifest_unreadable_image_and_missing_target(exports, tmp_path):
     done = _classify(tmp_path, [tmp_path / "x.png"])
     assert done.returncode == 2 and "manifest.json: not found" in done.stderr and "Traceback" not in done.stderr
     (tmp_path / "x.png").write_bytes(b"not a png")
     done = _classify(exports, [tmp_path / "x.png"], "--runtime", "ort")
     assert done.returncode == 2 and "cannot read the image" in done.stderr and "Traceback" not in done.stderr
+    done = _classify(exports, [tmp_path / "x.png"], "--variant", "nope")
+    assert done.returncode == 2 and "no tflite artifact of variant 'nope'" in done.stderr and "tflite/relu" in done.stderr
 
 
 def test_classify_is_standalone():
