@@ -19,6 +19,15 @@ def check_writable(path: Path, force: bool) -> None:
         raise OutputExistsError(f"{path} already exists; pass --force to overwrite it or choose another --out")
 
 
+def _umask_mode(mode: int) -> int:
+    """`mode` as a plain open()/mkdir() under the current umask would give it. mkstemp/mkdtemp
+    create 0600/0700 for their own safety; kept, an export served by another user (a web server)
+    or copied into an app would be unreadable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextmanager
 def atomic_path(path: Path):
     """Yield a temp path in the same folder; rename it onto `path` only if the block succeeds."""
@@ -28,6 +37,7 @@ def atomic_path(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -43,6 +53,7 @@ def atomic_dir(path: Path, force: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _umask_mode(0o777))
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         os.replace(tmp, path)
