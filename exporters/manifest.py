@@ -37,7 +37,10 @@ def tool_versions() -> dict[str, str | None]:
 def preprocessing(teacher) -> dict:
     c, h, w = teacher.meta["input_shape"]
     norm = teacher.meta["normalization"]
-    return {"height": h, "width": w, "channels": c, "scale": norm["scale"], "mean": norm["mean"], "std": norm["std"]}
+    # How the training images were made, so an app can do the same: resized bilinearly (PIL for
+    # image folders, torch for digits), and PIL mode "L" (ITU-R 601-2 luma) or "RGB".
+    return {"height": h, "width": w, "channels": c, "color": "L" if c == 1 else "RGB", "resize": "bilinear",
+            "scale": norm["scale"], "mean": norm["mean"], "std": norm["std"]}
 
 
 def _relative(path: Path, folder: Path) -> str:

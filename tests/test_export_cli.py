@@ -55,6 +55,7 @@ def test_export_writes_artifacts_and_manifest(run):
     assert (exports / manifest["teacher"]["path"]).resolve() == (run / "teacher.json").resolve()
     assert manifest["result"]["sha256"] == sha256_file(run / "result.json")
     assert manifest["preprocessing"]["height"] == 32 and manifest["classes"][:2] == ["0", "1"]
+    assert manifest["preprocessing"]["color"] == "L" and manifest["preprocessing"]["resize"] == "bilinear"
     assert manifest["layers"]["conv1"]["t1_code"] == 2 and "scale" in manifest["layers"]["conv1"]
     for a in manifest["artifacts"]:
         assert sha256_file(exports / a["path"]) == a["sha256"] and a["runtime"] == "onnxruntime"

@@ -88,7 +88,7 @@ def verified_model_path(exports_dir: Path, artifact: dict) -> Path:
 
 def load_pixels(image_path: Path, prep: dict) -> np.ndarray:
     """Image file → uint8 H×W×C at the manifest's size (bilinear, as deploykit's imagefolder reader)."""
-    mode = {1: "L", 3: "RGB"}[prep["channels"]]
+    mode = prep.get("color") or {1: "L", 3: "RGB"}[prep["channels"]]  # older manifests lack "color"
     try:
         with Image.open(image_path) as im:
             im = im.convert(mode)
