@@ -181,10 +181,11 @@ def _attach_int8_weights(graph: gs.Graph, name: str, block) -> None:
         # int32 bias at scale s_in·s_w[c]: the standard QDQ form, and exactly what QLinearConv/QGemm
         # add. (onnxruntime 1.31.1 also fused a float bias — measured — but other consumers of
         # this graph, like the TFLite translator, should not have to re-derive the bias codes.)
-        b_scale = np.float32(s_in) * w_scale.astype(np.float32)
-        bias = _const_values(node.inputs[2]).astype(np.float64)
-        b_codes = np.clip(np.round(bias / b_scale), -2**31, 2**31 - 1).astype(np.int32)
-        node.inputs[2] = _dequantize(graph, f"{node.name}/bias", b_codes, b_scale)
+        # The codes come from quant.bias_codes, the same int32 bias the PyTorch teacher adds in
+        # its runtime arithmetic, so student and export agree code for code.
+        bias = torch.from_numpy(_const_values(node.inputs[2]).astype(np.float32))
+        b_codes, b_scale = quant.bias_codes(bias, s_in, torch.from_numpy(w_scale))
+        node.inputs[2] = _dequantize(graph, f"{node.name}/bias", b_codes.numpy(), b_scale.numpy())
 
 
 # ----------------------------------------------------------------------------- the LUT rewrite
