@@ -106,7 +106,9 @@ def test_int8_tap_codes_agree_with_sidecar_and_fake_quant(teacher, sidecar, digi
         assert torch.allclose(fq, fq.round(), atol=1e-3), name
         same = (q.float() == fq.round()).float().mean().item()
         within_one = ((q.float() - fq.round()).abs() <= 1).float().mean().item()
-        assert same >= 0.95 and within_one >= 0.995, f"{name}: {same:.3%} equal, {within_one:.3%} within ±1"
+        # the frozen teacher computes in the runtimes' integer arithmetic (int32 bias, float32
+        # requantization); qnnpack rounds its requantization its own way on very few codes
+        assert same >= 0.999 and within_one == 1.0, f"{name}: {same:.3%} equal, {within_one:.3%} within ±1"
         assert int(q.max()) > 0, f"{name}: an all-zero activation tells nothing"
 
 
@@ -115,7 +117,7 @@ def test_int8_and_fake_quant_predictions_agree(teacher, sidecar, digits):
     int8 = quant.convert_int8(teacher.model, sidecar["backend"])
     with torch.no_grad():
         agree = (int8(x).argmax(1) == teacher.model(x).argmax(1)).float().mean().item()
-    assert agree >= 0.98
+    assert agree >= 0.999
 
 
 def test_export_form_has_weights_on_the_int8_grid(teacher, digits):
@@ -154,3 +156,52 @@ def test_freeze_stops_the_observers(teacher, digits):
         model(_x(digits, 32) * 5)  # a wildly different range would move a live observer
     after = {n: q.scale for n, q in quant.activation_quant(model).items()}
     assert before == after
+
+
+def test_runtime_arithmetic_binds_each_block_to_its_input_grid():
+    lenet = quant.qat_model(build_model("lenet5", (1, 32, 32), 10))
+    quant.disable_observers(lenet)
+    blocks, acts = lenet.blocks(), quant.activation_quant(lenet)
+    assert blocks["conv1"].op.input_quant == quant.input_quant(lenet)
+    assert blocks["fc1"].op.input_quant == acts["conv2"]  # max pool and flatten keep the grid
+    nin = quant.qat_model(build_model("nin", (3, 32, 32), 10, width=0.125))
+    quant.disable_observers(nin)
+    assert nin.blocks()["fc"].op.input_quant is None  # a global average pool leaves the grid (runtimes stay float)
+    unbound = quant.use_runtime_arithmetic(copy.deepcopy(lenet), on=False)
+    assert all(b.op.input_quant is None for b in unbound.blocks().values())
+
+
+def test_bias_codes_round_half_to_even_on_the_int32_grid():
+    w_scale = torch.tensor([0.5, 0.25, 1e-12])
+    codes, scale = quant.bias_codes(torch.tensor([1.25, -0.375, 1.0]), 1.0, w_scale)
+    assert scale.dtype == torch.float32
+    # 1.25/0.5 = 2.5 → 2 (even), −0.375/0.25 = −1.5 → −2 (even); an overflowing bias saturates
+    assert codes.tolist() == [2, -2, 2**31 - 1]
+
+
+def test_runtime_arithmetic_rounds_the_requantized_sum_half_to_even():
+    """One Linear block by hand: y_q = clamp(round_half_even((Σ x_q·w_q + b_q)·M)), M = s_in·s_w/s_out."""
+    model = quant.qat_model(build_model("lenet5", (1, 32, 32), 10))
+    op = model.blocks()["fc3"].op
+    rows = [(0, 1, 0.0), (1, 1, 0.0), (0, 1, 1.0), (0, -1, 0.0), (2, 1, 0.0), (3, 1, 0.7)]  # (input, weight code, bias)
+    with torch.no_grad():
+        op.weight.zero_()
+        op.bias.zero_()
+        for out, (i, w, b) in enumerate(rows):
+            op.weight[out, i], op.bias[out] = 0.5 * w, b
+    op.weight_fake_quant.scale = torch.full((op.out_features,), 0.5)  # weight codes ±1, s_w = 0.5
+    op.weight_fake_quant.zero_point = torch.zeros(op.out_features, dtype=torch.int32)
+    op.activation_post_process.scale.fill_(1.0)  # s_out = 1, z = 0, codes 0..255 → M = 0.5
+    op.activation_post_process.zero_point.fill_(0)
+    quant.disable_observers(model)
+    op.input_quant = quant.ActivationQuant(1.0, 0)  # x holds its own codes
+    x = torch.zeros(1, op.in_features)
+    x[0, :4] = torch.tensor([5.0, 7.0, 600.0, 4.0])
+    with torch.no_grad():
+        y = op.eval()(x)[0, :6].tolist()
+    # 2.5 → 2, 3.5 → 4 (half to even); bias 1.0 is b_q = 2: (5 + 2)·0.5 = 3.5 → 4; −2.5 → 0; 300 → 255;
+    # bias 0.7 is b_q = round(1.4) = 1: (4 + 1)·0.5 = 2.5 → 2, where float fake-quant gives 2 + 0.7 → 3
+    assert y == [2, 4, 4, 0, 255, 2]
+    quant.use_runtime_arithmetic(model, on=False)
+    with torch.no_grad():
+        assert op(x)[0, 5].item() == 3
