@@ -43,6 +43,10 @@ from deploy_kit.lut import ActivationQuant
 from deploy_kit.models import Block, ZooModel
 
 BACKENDS = ("qnnpack", "x86", "fbgemm")
+# Recorded in teacher.json: the arithmetic the sidecar's accuracies were measured in. Sidecars
+# without it predate the runtime arithmetic (plain fake-quant); their weights load unchanged and
+# are evaluated in the runtime arithmetic from now on.
+ARITHMETIC = "runtime-int32/1"
 INT32 = (-2**31, 2**31 - 1)
 # float32 holds every integer up to 2^24 exactly, so a float32 convolution of integer codes is
 # an exact int32 accumulation as long as no partial sum can exceed it; beyond, use float64.

@@ -164,7 +164,7 @@ def _train_teacher(cfg: TrainConfig, out_dir: Path, ds: Dataset | None) -> dict:
         "normalization": ds.norm.to_dict(),
         "input_quant": quant.input_quant(model).to_dict(), "output_quant": quant.output_quant(model).to_dict(),
         "layers": {n: q.to_dict() for n, q in quant.activation_quant(model).items()},
-        "accuracy": {"float": acc_float, "fake_quant": acc_fq, "int8": acc_int8},
+        "accuracy": {"float": acc_float, "fake_quant": acc_fq, "int8": acc_int8}, "arithmetic": quant.ARITHMETIC,
         "train_images": len(train), "images_per_s": round(len(train) * (cfg.epochs + cfg.qat_epochs) / seconds, 1),
         "seconds": seconds, "config": asdict(cfg), "versions": versions(),
     }

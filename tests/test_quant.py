@@ -83,6 +83,7 @@ def test_activation_quant_matches_sidecar(teacher, sidecar):
         assert q.to_dict() == sidecar["layers"][name]
         assert (q.qmin, q.qmax) == (0, 255) and q.zero_point == 0  # ReLU output: min observed is 0
     assert quant.input_quant(teacher.model).to_dict() == sidecar["input_quant"]
+    assert sidecar["arithmetic"] == quant.ARITHMETIC  # its accuracies were measured in the runtime arithmetic
     assert quant.output_quant(teacher.model).to_dict() == sidecar["output_quant"]
 
 
