@@ -155,6 +155,24 @@ class Linear(_RuntimeArithmetic, nnqat.Linear):
         return F.linear(x, w)
 
 
+class GridAveragePool(nn.AdaptiveAvgPool2d):
+    """The global average pool as the int8 runtimes compute it: the mean of the input codes,
+    rounded half to even onto the input's own grid (TFLite's MEAN under XNNPACK measured so on
+    every tie; the ONNX graph gets the same Q/DQ after GlobalAveragePool). Without a bound
+    `grid` (training, export tracing) it is the plain float pool."""
+
+    grid: ActivationQuant | None = None
+
+    def forward(self, x):
+        if self.grid is None or self.training or x.is_quantized:
+            return super().forward(x)
+        s = np.float32(self.grid.scale)
+        # The sum of integer codes is exact in float64, and an exact half survives the division.
+        codes = torch.round(x.double() / float(s))
+        mean = torch.round(codes.sum((-2, -1), keepdim=True) / (x.shape[-2] * x.shape[-1]))
+        return (mean.float() * s).reshape(super().forward(x).shape)
+
+
 # float (fused) module → our QAT module, and our QAT module → torch's quantized module. Same
 # parameters and buffers as torch's QAT classes, so checkpoints load unchanged.
 QAT_MAPPING = {**tq.get_default_qat_module_mappings(), nni.ConvReLU2d: ConvReLU2d, nn.Conv2d: Conv2d,
@@ -175,6 +193,8 @@ def use_runtime_arithmetic(model: ZooModel, on: bool = True) -> ZooModel:
         if isinstance(child, Block):
             child.op.input_quant = grid
             grid = _as_quant(_fake_quant_of(child.op)) if on else None
+        elif isinstance(child, GridAveragePool):
+            child.grid = grid  # its output stays on the input's grid
         elif not isinstance(child, GRID_PRESERVING):
             grid = None
     return model
@@ -215,6 +235,8 @@ def prepare_qat(model: ZooModel) -> ZooModel:
         if isinstance(block.act, nn.ReLU):
             tq.fuse_modules_qat(block, [["op", "act"]], inplace=True)
     model.quant, model.dequant = tq.QuantStub(), tq.DeQuantStub()
+    if isinstance(model.pool, nn.AdaptiveAvgPool2d) and model.pool.output_size in (1, (1, 1)):
+        model.pool = GridAveragePool(model.pool.output_size)
     model.qconfig = qat_qconfig()
     for tap in model.taps().values():
         tap.qconfig = None

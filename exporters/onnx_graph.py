@@ -59,6 +59,7 @@ def teacher_graph(teacher) -> onnx.ModelProto:
     model = quant.export_form(teacher.model)
     graph = gs.import_onnx(torch_to_onnx(model, tuple(teacher.meta["input_shape"])))
     _scalar_qdq_params(graph)
+    _quantize_global_pools(graph)
     _requantize_passthrough(graph)
     for name, block in teacher.model.blocks().items():
         _attach_int8_weights(graph, name, block)
@@ -104,6 +105,30 @@ def _scalar_qdq_params(graph: gs.Graph) -> None:
                 node.inputs[2] = gs.Constant(f"{node.name}/zero_point", zp.reshape(()))
 
 
+def _quantize_global_pools(graph: gs.Graph) -> None:
+    """DQ → GlobalAveragePool gets a Q/DQ of the same (s, z) after it: the pooled mean goes back
+    onto the input's grid (round half to even), as quant.GridAveragePool computes it and as the
+    TFLite MEAN does. Without it the pool and the Gemm after it stayed float in onnxruntime while
+    TFLite ran them in int8, and the two runtimes disagreed on near-tied logits."""
+    for node in list(graph.nodes):
+        if node.op != "GlobalAveragePool" or not node.inputs[0].inputs or node.inputs[0].inputs[0].op != "DequantizeLinear":
+            continue
+        src = node.inputs[0].inputs[0]
+        _insert_qdq(graph, node, src.inputs[1], src.inputs[2])
+    graph.toposort()
+
+
+def _insert_qdq(graph: gs.Graph, node: gs.Node, scale, zp) -> None:
+    """node → Q(scale, zp) → DQ → node's former consumers."""
+    out = node.outputs[0]
+    codes = gs.Variable(f"{node.name}/requant/codes", dtype=_const_values(zp).dtype)
+    value = gs.Variable(f"{node.name}/requant/output", dtype=np.float32)
+    for user in list(out.outputs):
+        user.inputs[user.inputs.index(out)] = value
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{node.name}/requant/QuantizeLinear", inputs=[out, scale, zp], outputs=[codes]))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{node.name}/requant/DequantizeLinear", inputs=[codes, scale, zp], outputs=[value]))
+
+
 def _requantize_passthrough(graph: gs.Graph) -> None:
     """Close DQ → MaxPool/Flatten with a Q/DQ of the same (s, z), so every Conv/Gemm reads a DQ.
 
@@ -118,16 +143,9 @@ def _requantize_passthrough(graph: gs.Graph) -> None:
         out = node.outputs[0]
         if out.outputs and all(u.op == "QuantizeLinear" for u in out.outputs):
             continue
-        scale, zp = src.inputs[1], src.inputs[2]
-        codes = gs.Variable(f"{node.name}/requant/codes", dtype=_const_values(zp).dtype)
-        value = gs.Variable(f"{node.name}/requant/output", dtype=np.float32)
-        users = list(out.outputs)
-        for user in users:
-            user.inputs[user.inputs.index(out)] = value
         if out in graph.outputs:
             continue  # never happens in the zoo: graph outputs come from the logits Q/DQ
-        graph.nodes.append(gs.Node("QuantizeLinear", f"{node.name}/requant/QuantizeLinear", inputs=[out, scale, zp], outputs=[codes]))
-        graph.nodes.append(gs.Node("DequantizeLinear", f"{node.name}/requant/DequantizeLinear", inputs=[codes, scale, zp], outputs=[value]))
+        _insert_qdq(graph, node, src.inputs[1], src.inputs[2])
     graph.toposort()
 
 

@@ -122,11 +122,13 @@ def test_deep_depthwise_teacher_matches_onnxruntime_code_for_code(mobilenet):
     fake-quant forward of the same weights is not (a few codes flip near half steps, and every
     depthwise layer amplifies the flips of the layer before)."""
     teacher, x = mobilenet
-    got = _ort_tap_codes(teacher, x)
+    logits, got = _ort_tap_codes(teacher, x)
     ref = _torch_tap_codes(teacher.model, x, teacher.layer_quant)
     for name in ref:
         differing = float(np.mean(got[name] != ref[name]))
         assert differing == 0.0, f"{name}: {differing:.3%} of the codes differ between onnxruntime and PyTorch"
+    # the head too: the global pool rounds onto the grid (QLinearGlobalAveragePool), then QGemm
+    np.testing.assert_array_equal(logits, _torch_logits(teacher.model, x))
     fake_quant = quant.use_runtime_arithmetic(copy.deepcopy(teacher.model), on=False)
     last = list(ref)[-1]
     assert np.mean(got[last] != _torch_tap_codes(fake_quant, x, teacher.layer_quant)[last]) > 0
@@ -141,8 +143,8 @@ def test_pytorch_int8_matches_the_teacher_on_a_deep_model(mobilenet):
         assert float(np.mean(got[name][0].numpy() == ref[name])) >= MIN_AGREEMENT, name
 
 
-def _ort_tap_codes(teacher, x) -> dict[str, np.ndarray]:
-    """Every block's activation codes (the Relu's QuantizeLinear output), read from onnxruntime."""
+def _ort_tap_codes(teacher, x) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The logits and every block's activation codes (its Relu's QuantizeLinear output) in onnxruntime."""
     graph = gs.import_onnx(onnx_graph.teacher_graph(teacher))
     names = list(teacher.model.taps())
     for name in names:
@@ -151,7 +153,8 @@ def _ort_tap_codes(teacher, x) -> dict[str, np.ndarray]:
         codes.dtype = np.uint8
         graph.outputs.append(codes)
     session = ort.InferenceSession(onnx_graph.finish(graph).SerializeToString(), providers=["CPUExecutionProvider"])
-    return dict(zip(names, session.run(None, {"input": x})[1:]))
+    logits, *codes = session.run(None, {"input": x})
+    return logits, dict(zip(names, codes))
 
 
 def _torch_tap_codes(model, x, layer_quant) -> dict[str, np.ndarray]:

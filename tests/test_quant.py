@@ -167,7 +167,8 @@ def test_runtime_arithmetic_binds_each_block_to_its_input_grid():
     assert blocks["fc1"].op.input_quant == acts["conv2"]  # max pool and flatten keep the grid
     nin = quant.qat_model(build_model("nin", (3, 32, 32), 10, width=0.125))
     quant.disable_observers(nin)
-    assert nin.blocks()["fc"].op.input_quant is None  # a global average pool leaves the grid (runtimes stay float)
+    last = quant.activation_quant(nin)["cccp6"]
+    assert nin.pool.grid == last and nin.blocks()["fc"].op.input_quant == last  # the int8 global pool keeps the grid
     unbound = quant.use_runtime_arithmetic(copy.deepcopy(lenet), on=False)
     assert all(b.op.input_quant is None for b in unbound.blocks().values())
 
@@ -206,3 +207,15 @@ def test_runtime_arithmetic_rounds_the_requantized_sum_half_to_even():
     quant.use_runtime_arithmetic(model, on=False)
     with torch.no_grad():
         assert op(x)[0, 5].item() == 3
+
+
+def test_global_pool_rounds_the_mean_code_half_to_even_on_its_input_grid():
+    pool = quant.GridAveragePool(1)
+    pool.grid = quant.ActivationQuant(0.1, 0)
+    codes = torch.tensor([[0, 0, 1, 1], [1, 1, 2, 2], [2, 2, 3, 3], [1, 2, 2, 2]], dtype=torch.float32)
+    x = (codes * np.float32(0.1)).reshape(1, 4, 2, 2)
+    with torch.no_grad():
+        got = pool.eval()(x).reshape(-1) / np.float32(0.1)
+    assert torch.round(got).tolist() == [0, 2, 2, 2]  # 0.5 → 0, 1.5 → 2, 2.5 → 2, 1.75 → 2
+    pool.grid = None
+    torch.testing.assert_close(pool(x).reshape(-1), x.mean((-2, -1)).reshape(-1))  # unbound: the float pool
