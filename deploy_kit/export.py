@@ -39,14 +39,18 @@ class ExportConfig:
     force: bool = False
     calibration_images: int = 256  # train-split images the TFLite converter calibrates on
     calibration_seed: int | None = None  # default: the teacher's seed
+    lut_form: str = "select"  # how the TFLite target lowers each LUT (exporters/onnx_to_tf.py: LUT_FORMS)
 
     def __post_init__(self):
         if self.io not in IO_CHOICES:
             raise ConfigError(f"--io must be one of {', '.join(IO_CHOICES)}, got {self.io!r}")
         if self.calibration_images < 1:
             raise ConfigError(f"calibration_images must be >= 1, got {self.calibration_images}")
+        from exporters.onnx_to_tf import LUT_FORMS
         from exporters.registry import resolve
 
+        if self.lut_form not in LUT_FORMS:
+            raise ConfigError(f"--lut-form must be one of {', '.join(LUT_FORMS)}, got {self.lut_form!r}")
         resolve(self.targets)  # unknown target names fail here, before any work
 
     @property
@@ -140,9 +144,9 @@ def export(cfg: ExportConfig, progress: Callable[[str], None] = lambda _msg: Non
     seed = teacher.meta["seed"] if cfg.calibration_seed is None else cfg.calibration_seed
     calibration, calib_record = (calibration_set(teacher, cfg.calibration_images, seed)
                                  if any(t.calibrated for t in targets) else (None, None))
-    manifest = mf.base_manifest(teacher, result, result.layers, lut_quant, out, cfg.io, calib_record)
+    manifest = mf.base_manifest(teacher, result, result.layers, lut_quant, out, cfg.io, calib_record, cfg.lut_form)
     manifest["reference"] = {"float_onnx_bytes": onnx_graph.float_graph(teacher).ByteSize()}
-    options = {"io": cfg.io, "calibration": calibration, "layer_quant": teacher.layer_quant}
+    options = {"io": cfg.io, "calibration": calibration, "layer_quant": teacher.layer_quant, "lut_form": cfg.lut_form}
     # The ONNX graph is the source of every target, so it is always written and listed.
     steps = [TARGETS["onnx"]] + [t for t in targets if t.name != "onnx"]
     try:

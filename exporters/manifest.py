@@ -52,8 +52,9 @@ def layers_entry(luts: dict[str, LayerLUT], layer_quant: dict[str, ActivationQua
 
 
 def base_manifest(teacher, result, luts: dict[str, LayerLUT], layer_quant: dict[str, ActivationQuant],
-                  out_dir: Path, io: str, calibration: dict | None) -> dict:
-    """Everything but the artifacts: what the exports were made from and how to feed them."""
+                  out_dir: Path, io: str, calibration: dict | None, lut_form: str = "select") -> dict:
+    """Everything but the artifacts: what the exports were made from and how to feed them.
+    `lut_form` is how the TFLite files lower each LUT (ONNX/ORT always hold Less/Where)."""
     sidecar = teacher.weights_path.with_name("teacher.json")
     return {
         "schema": SCHEMA, "model": teacher.arch, "width": teacher.meta.get("width"), "data": teacher.meta["data"],
@@ -61,7 +62,7 @@ def base_manifest(teacher, result, luts: dict[str, LayerLUT], layer_quant: dict[
         "input_quant": teacher.meta.get("input_quant"), "output_quant": teacher.meta.get("output_quant"),
         "teacher": {"path": _relative(sidecar, out_dir), "sha256": teacher.sha256},
         "result": {"path": _relative(result.path, out_dir), "sha256": sha256_file(result.path)},
-        "layers": layers_entry(luts, layer_quant), "io": io, "calibration": calibration, "tools": tool_versions(),
+        "layers": layers_entry(luts, layer_quant), "io": io, "lut_form": lut_form, "calibration": calibration, "tools": tool_versions(),
         "artifacts": [],
     }
 

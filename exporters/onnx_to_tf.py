@@ -17,6 +17,9 @@ Conventions, fixed once:
   becomes one `FakeQuant` node: `fake_quant_with_min_max_vars(x, s·(qmin−z), s·(qmax−z))`. That
   fixes the range in the graph, so the converter gives the tensor exactly scale s and zero point
   z−128 and TFLite's int8 codes are the teacher's codes (DESIGN.md §5).
+- LUTs. Each layer's Less/Where chain is recognised once (`Graph.luts`: its codes and grid).
+  `lut_form="select"` translates it op for op (LESS + SELECT_V2); the branch-free forms replace
+  it by one `LUT` node lowered to clamps (`LUT_FORMS`, docs/RUNTIMES.md has the measurements).
 """
 
 from __future__ import annotations
@@ -30,8 +33,15 @@ import onnx
 from onnx import numpy_helper
 
 from deploy_kit.errors import ExportError
+from deploy_kit.lut import ActivationQuant, LayerLUT
 
 FAKE_QUANT = "FakeQuant"  # our fused activation Q→DQ pair (not an ONNX op)
+LUT_NODE = "LUT"  # one layer's whole Less/Where chain, in a branch-free form (not an ONNX op)
+# How a LUT becomes TFLite ops. `select`: LESS + SELECT_V2 ×3, the ONNX graph op for op (DESIGN
+# §2). `minmax`: s·[q > t] = min(max(x, a), a + s) − a with a = s·(t − z), weighted and summed —
+# MAXIMUM/MINIMUM/SUB/MUL/ADD. `saturate`: the same clamps done by int8 saturation (an ADD whose
+# output tensor spans [0, s] clamps for free), ADD/SUB/MUL only: every op XNNPACK takes in int8.
+LUT_FORMS = ("select", "minmax", "saturate")
 FOLDABLE = {"DequantizeLinear", "Identity"}
 QRANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 
@@ -56,6 +66,7 @@ class Graph:
     input_name: str
     input_shape: tuple  # NCHW as in ONNX, batch dim may be None
     output_names: list[str]
+    luts: dict[str, tuple[LayerLUT, ActivationQuant]] = field(default_factory=dict)  # layer → codes, grid
 
     def nhwc_input_shape(self) -> tuple:
         s = self.input_shape
@@ -98,8 +109,11 @@ def _static_shape(value_info) -> tuple:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim)
 
 
-def read_graph(proto: onnx.ModelProto) -> Graph:
-    """Fold constants, fuse activation Q/DQ pairs; keep the other nodes in graph order."""
+def read_graph(proto: onnx.ModelProto, lut_form: str = "select") -> Graph:
+    """Fold constants, fuse activation Q/DQ pairs, recognise the LUTs (lowered per `lut_form`);
+    keep the other nodes in graph order."""
+    if lut_form not in LUT_FORMS:
+        raise ExportError(f"lut_form must be one of {', '.join(LUT_FORMS)}, got {lut_form!r}")
     g = proto.graph
     constants = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     weight_scales: dict[str, np.ndarray] = {}
@@ -120,8 +134,12 @@ def read_graph(proto: onnx.ModelProto) -> Graph:
     if len(inputs) != 1:
         raise ExportError(f"expected one graph input, found {[v.name for v in inputs]}")
     nodes = _fuse_fake_quant(nodes, constants, {o.name for o in g.output})
+    luts = find_luts(nodes, constants)
+    if lut_form != "select":
+        nodes = _lower_luts(nodes, luts, lut_form)
     nodes = _rescale_fine_comparisons(nodes, constants)
-    return Graph(nodes, constants, inputs[0].name, _static_shape(inputs[0]), [o.name for o in g.output])
+    return Graph(nodes, constants, inputs[0].name, _static_shape(inputs[0]), [o.name for o in g.output],
+                 {layer: (spec.lut, spec.quant) for layer, spec in luts.items()})
 
 
 def _qparams(node: Node, constants: dict) -> tuple[float, int, np.dtype]:
@@ -165,6 +183,85 @@ def _fuse_fake_quant(nodes: list[Node], constants: dict, graph_outputs: set[str]
             fused.append(Node(FAKE_QUANT, n.name, (n.inputs[0],), u.outputs,
                               {"scale": s, "zero_point": z, "qmin": qmin, "qmax": qmax}))
     return fused
+
+
+# ----------------------------------------------------------------------------- the LUTs
+
+LUT_SCOPE = "/lut/"  # onnx_graph names every LUT node `<layer>/lut/...`
+
+
+@dataclass(frozen=True)
+class LutChain:
+    """One layer's Less/Where chain as read from the graph: its nodes, its input x and output
+    y, and the codes it implements on the grid of the FakeQuant that produces x."""
+
+    layer: str
+    nodes: tuple[Node, ...]
+    x: str
+    y: str
+    lut: LayerLUT
+    quant: ActivationQuant
+
+
+def find_luts(nodes: list[Node], constants: dict) -> dict[str, LutChain]:
+    """Every `<layer>/lut/` Less/Where chain, with its codes read back from the constants."""
+    by_layer: dict[str, list[Node]] = {}
+    for n in nodes:
+        if n.op in ("Less", "Where") and LUT_SCOPE in n.name:
+            by_layer.setdefault(n.name.split(LUT_SCOPE)[0], []).append(n)
+    producers = {o: n for n in nodes for o in n.outputs}
+    return {layer: _read_chain(layer, group, producers, constants) for layer, group in by_layer.items()}
+
+
+def _read_chain(layer: str, group: list[Node], producers: dict, constants: dict) -> LutChain:
+    """Where(x<t1, v0, Where(x<t2, v1, Where(x<tmax, v2, x))): walk it from x outwards."""
+    less = {n.outputs[0]: n for n in group if n.op == "Less"}
+    where = [n for n in group if n.op == "Where"]
+    xs = {n.inputs[0] for n in less.values()}
+    src = producers.get(next(iter(xs))) if len(xs) == 1 else None
+    if len(less) != 3 or len(where) != 3 or src is None or src.op != FAKE_QUANT:
+        raise ExportError(f"layer {layer}: expected a LUT of 3 Less + 3 Where on one quantized input, found "
+                          f"{len(less)} Less, {len(where)} Where on {sorted(xs)}")
+    s, z = src.attrs["scale"], src.attrs["zero_point"]
+    x, y, steps = next(iter(xs)), next(iter(xs)), []
+    for _ in range(3):  # innermost (tmax) first
+        node = next((n for n in where if n.inputs[2] == y and n.inputs[0] in less), None)
+        if node is None or less[node.inputs[0]].inputs[1] not in constants or node.inputs[1] not in constants:
+            raise ExportError(f"layer {layer}: the LUT's Where nodes do not form one chain from {x}")
+        threshold = float(constants[less[node.inputs[0]].inputs[1]].reshape(()))
+        level = float(constants[node.inputs[1]].reshape(()))
+        steps.append((round(threshold / s + z - 0.5), round(level / s + z)))
+        y = node.outputs[0]
+    (tmax, v2), (t2, v1), (t1, v0) = steps
+    if v0 != z:
+        raise ExportError(f"layer {layer}: the LUT maps codes <= t1 to code {v0}, expected the zero point {z}")
+    return LutChain(layer, tuple(group), x, y, LayerLUT(t1, v1, t2, v2, tmax),
+                    ActivationQuant(s, z, src.attrs["qmin"], src.attrs["qmax"]))
+
+
+def _lower_luts(nodes: list[Node], luts: dict[str, LutChain], form: str) -> list[Node]:
+    """Each chain → one LUT node (where its first node was: it reads only x and constants)."""
+    first = {chain.nodes[0].name: chain for chain in luts.values()}
+    dropped = {n.name for chain in luts.values() for n in chain.nodes}
+    out = []
+    for n in nodes:
+        if n.name in first:
+            c = first[n.name]
+            out.append(Node(LUT_NODE, f"{c.layer}{LUT_SCOPE}{form}", (c.x,), (c.y,),
+                            {"form": form, "lut": c.lut, "quant": c.quant}))
+        elif n.name not in dropped:
+            out.append(n)
+    return out
+
+
+def lut_steps(lut: LayerLUT, quant: ActivationQuant) -> list[tuple[int, int]]:
+    """The staircase as (threshold code t, height w in codes): LUT(q) = z + Σ w·[q > t] for
+    q <= tmax, and q above. Zero heights (v2 = tmax) are dropped."""
+    steps = [(lut.t1, lut.v1 - quant.zero_point), (lut.t2, lut.v2 - lut.v1), (lut.tmax, lut.tmax - lut.v2)]
+    if steps[0][1] < 0:
+        raise ExportError(f"v1={lut.v1} is below the zero point {quant.zero_point}: the staircase is not monotone, "
+                          "so it has no branch-free form; export with --lut-form select")
+    return [(t, w) for t, w in steps if w]
 
 
 # TFLite's int8 LESS rescales each input by its own scale with only 8 fractional bits
@@ -403,6 +500,59 @@ def fake_quant(node: Node, inputs: list):
     return [_tf().quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8)]
 
 
+def _fq(x, lo: float, hi: float):
+    return _tf().quantization.fake_quant_with_min_max_vars(x, np.float32(lo), np.float32(hi), num_bits=8)
+
+
+def _minmax(x, lut: LayerLUT, quant: ActivationQuant):
+    """Every tensor on the layer's grid (scale s): MAXIMUM/MINIMUM keep their input's scale."""
+    tf, s, z = _tf(), quant.scale, quant.zero_point
+    lo, hi = s * (0 - z), s * (255 - z)
+
+    def on_grid(v):
+        return _fq(v, lo, hi)
+
+    def above(t: int):  # s·[q > t] = min(max(x, a), a + s) − a
+        a = np.float32(s * (t - z))
+        return on_grid(on_grid(tf.minimum(on_grid(tf.maximum(x, a)), a + np.float32(s))) - a)
+
+    a_max = np.float32(s * (lut.tmax - z))
+    y = on_grid(on_grid(tf.maximum(x, a_max)) - a_max)  # the identity part, above tmax
+    for t, w in lut_steps(lut, quant):
+        y = on_grid(y + on_grid(above(t) * np.float32(w)))
+    return y
+
+
+def _saturate(x, lut: LayerLUT, quant: ActivationQuant):
+    """Clamps by saturation: a tensor spanning [0, s] holds x − s·(t−z) as 0 below t and s above.
+    Each op's input/output scale ratio stays below 256 (255 at most), XNNPACK's limit for
+    delegating an int8 ADD/SUB — a wider ratio (one MUL by Σw before the clamps) ran in the
+    builtin kernels at 23× the ReLU's cost. The identity part starts one code above tmax and
+    the tmax step is one code higher: `x − s·(tmax−z)` twice with two ranges would be merged
+    by the converter into one tensor it cannot quantize (it stayed float)."""
+    s, z = quant.scale, quant.zero_point
+    positive = s * 255  # [0, 255·s]: scale s, every value ≥ 0 of the grid
+    steps = [(t, w) for t, w in lut_steps(lut, quant) if t != lut.tmax] + [(lut.tmax, lut.tmax - lut.v2 + 1)]
+    y = _fq(x - np.float32(s * (lut.tmax + 1 - z)), 0.0, positive)  # max(x − a, 0): q above tmax + 1
+    for t, w in steps:
+        if t == z:  # x − 0 is x itself, which already has its range: clamp 2w·x to [0, w·s] instead
+            step = _fq(x * np.float32(2 * w), 0.0, s * w)
+        else:
+            step = _fq(x - np.float32(s * (t - z)), 0.0, s)
+            if w != 1:
+                step = _fq(step * np.float32(w), 0.0, s * w)
+        y = _fq(y + step, 0.0, positive)
+    return _fq(y, s * (0 - z), s * (255 - z)) if z else y
+
+
+BRANCH_FREE = {"minmax": _minmax, "saturate": _saturate}
+
+
+def lut(node: Node, inputs: list):
+    a = node.attrs
+    return [BRANCH_FREE[a["form"]](inputs[0], a["lut"], a["quant"])]
+
+
 def identity(node: Node, inputs: list):
     return [inputs[0]]
 
@@ -416,7 +566,7 @@ OPS: dict[str, Callable] = {
     "Mul": _tf_binary("multiply"), "Div": _tf_binary("divide"), "Relu": relu, "Clip": clip,
     "MaxPool": max_pool, "AveragePool": average_pool, "GlobalAveragePool": global_average_pool,
     "Flatten": flatten, "Reshape": reshape, "Less": _tf_binary("less"), "Where": where,
-    "Identity": identity, "Dropout": identity, FAKE_QUANT: fake_quant,
+    "Identity": identity, "Dropout": identity, FAKE_QUANT: fake_quant, LUT_NODE: lut,
 }
 
 
@@ -424,7 +574,7 @@ def check_supported(graph: Graph) -> None:
     for node in graph.nodes:
         if node.op not in OPS:
             raise ExportError(f"ONNX op {node.op} (node {node.name!r}) is not supported by the TFLite translator; "
-                              f"supported: {', '.join(sorted(o for o in OPS if o != FAKE_QUANT))}")
+                              f"supported: {', '.join(sorted(o for o in OPS if o not in (FAKE_QUANT, LUT_NODE)))}")
 
 
 # ----------------------------------------------------------------------------- running

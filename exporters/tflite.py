@@ -7,8 +7,10 @@ Steps, each failing with an ExportError that says where:
 2. the always-on float check: every TF op against onnxruntime on the same inputs (≤ 1e-4);
 3. convert with int8 builtins only, calibrated on the given images (the fake-quant ranges win
    over calibration for every activation, so TFLite's codes are the teacher's codes);
-4. check the file: no float tensor (but float I/O when asked), no Flex/custom op, 3 LESS +
-   3 SELECT_V2 per LUT layer; then embed the ONNX metadata and write atomically.
+4. check the file: no float tensor (but float I/O when asked), no Flex/custom op, the LUT ops
+   of the chosen `lut_form` (3 LESS + 3 SELECT_V2 per LUT layer for `select`); every LUT tensor
+   on the teacher's grid, and every LUT, cut out of the file, maps all 256 input codes by the
+   code table (XNNPACK and builtin kernels); then embed the metadata and write atomically.
 """
 
 from __future__ import annotations
@@ -24,13 +26,19 @@ import onnx
 
 from deploy_kit.errors import ExportError
 from deploy_kit.fsutil import atomic_path
-from deploy_kit.lut import ActivationQuant
+from deploy_kit.lut import ActivationQuant, LayerLUT
 from exporters import onnx_to_tf
 
 IO_TYPES = ("int8", "float")
 FLOAT_CHECK_IMAGES = 4
 METADATA_NAME = "deploykit"  # the TFLite metadata entry holding the manifest metadata (JSON)
-OPS_PER_LUT = {"LESS": 3, "SELECT_V2": 3}
+OPS_PER_LUT = {"LESS": 3, "SELECT_V2": 3}  # lut_form="select"
+LUT_FORMS = onnx_to_tf.LUT_FORMS
+# The ops one layer's LUT may consist of, per branch-free form (checked on the chain cut out of
+# the file). `saturate` is ADD/SUB/MUL only: the int8 ops XNNPACK delegates.
+LUT_OPS = {"select": {"LESS", "SELECT_V2", "MUL"},  # MUL: the rescaled LESS input (LESS_MIN_SCALE)
+           "minmax": {"MAXIMUM", "MINIMUM", "RELU", "SUB", "MUL", "ADD"},  # max(x, 0) becomes RELU
+           "saturate": {"SUB", "MUL", "ADD"}}
 # Tensors that may be float in a full-integer model: none, except the I/O edges when io="float".
 _FLOAT_TYPES = {"FLOAT32", "FLOAT16", "FLOAT64"}
 
@@ -71,8 +79,10 @@ def inspect(path_or_bytes) -> dict:
             "metadata": [m.name.decode() if isinstance(m.name, bytes) else m.name for m in model.metadata or []]}
 
 
-def check_full_integer(path_or_bytes, lut_layers: int, io: str = "int8") -> dict:
-    """Raise ExportError unless the model is full-integer with exactly the expected LUT ops.
+def check_full_integer(path_or_bytes, lut_layers: int, io: str = "int8", lut_form: str = "select") -> dict:
+    """Raise ExportError unless the model is full-integer with exactly the expected LUT ops:
+    3 LESS + 3 SELECT_V2 per LUT layer for `select`, none of either for the branch-free forms
+    (their ops per layer are checked on each chain by check_lut_codes).
 
     Float tensors allowed: only the graph's own input/output when io="float" (and the single
     QUANTIZE/DEQUANTIZE edge tensors TFLite uses for them)."""
@@ -84,11 +94,16 @@ def check_full_integer(path_or_bytes, lut_layers: int, io: str = "int8") -> dict
     if stray:
         raise ExportError(f"TFLite model is not full-integer: {len(stray)} float tensor(s), e.g. {stray[:3]}; "
                           "an op was left in float (check the ops the converter kept)")
+    if lut_form not in LUT_FORMS:
+        raise ExportError(f"lut_form must be one of {', '.join(LUT_FORMS)}, got {lut_form!r}")
     for op, per_layer in OPS_PER_LUT.items():
         found = info["ops"].get(op, 0)
-        if found != per_layer * lut_layers:
+        if lut_form == "select" and found != per_layer * lut_layers:
             raise ExportError(f"TFLite model holds {found} {op} ops, expected {per_layer} per LUT layer × {lut_layers}; "
                               f"ops: {info['ops']}")
+        if lut_form != "select" and found:
+            raise ExportError(f"TFLite model holds {found} {op} ops, expected none with lut_form={lut_form} "
+                              f"(the LUTs are branch-free); ops: {info['ops']}")
     return info
 
 
@@ -250,30 +265,31 @@ def _float_check_images(calibration: np.ndarray) -> np.ndarray:
 
 
 def export_tflite(onnx_path: Path, out_path: Path, *, io: str = "int8", calibration: np.ndarray,
-                  layer_quant: dict[str, ActivationQuant] | None = None) -> dict:
+                  layer_quant: dict[str, ActivationQuant] | None = None, lut_form: str = "select") -> dict:
     """model.onnx → full-integer `out_path`; returns the manifest details (inputs/outputs, op
-    counts, the float check's worst node, conversion seconds)."""
+    counts, LUT form, the float check's worst node, conversion seconds)."""
     if io not in IO_TYPES:
         raise ExportError(f"io must be one of {', '.join(IO_TYPES)}, got {io!r}")
     if calibration is None or len(calibration) == 0:
         raise ExportError("the TFLite target needs calibration images (NCHW float32); none were given")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     proto = onnx.load(str(onnx_path))
-    graph = onnx_to_tf.read_graph(proto)
+    graph = onnx_to_tf.read_graph(proto, lut_form)
     onnx_to_tf.check_supported(graph)
     t0 = time.perf_counter()
     float_check = onnx_to_tf.check_against_onnxruntime(proto, graph, _float_check_images(calibration))
     t1 = time.perf_counter()
     tflite = convert(graph, np.asarray(calibration, np.float32), io)
-    lut_names = sorted({n.name.split("/lut/")[0] for n in graph.nodes if n.op == "Less" and "/lut/" in n.name})
-    lut_layers = sum(1 for n in graph.nodes if n.op == "Less") // OPS_PER_LUT["LESS"]
-    info = check_full_integer(tflite, lut_layers, io)
-    check_lut_grid(tflite, {n: layer_quant[n] for n in lut_names if layer_quant and n in layer_quant})
-    tflite = finalize(tflite, _onnx_metadata(proto), [graph.input_name], graph.output_names)
+    lut_layers = len(graph.luts)
+    info = check_full_integer(tflite, lut_layers, io, lut_form)
+    check_lut_grid(tflite, {n: layer_quant[n] for n in graph.luts if layer_quant and n in layer_quant})
+    lut_ops = check_lut_codes(tflite, graph.luts, lut_form)
+    tflite = finalize(tflite, {**_onnx_metadata(proto), "lut_form": lut_form}, [graph.input_name], graph.output_names)
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(tflite)
-    return {**io_details(out_path), "ops": info["ops"], "lut_layers": lut_layers,
+    return {**io_details(out_path), "ops": info["ops"], "lut_layers": lut_layers, "lut_form": lut_form,
+            "lut_ops": lut_ops,
             "weights": weight_report(proto, tflite),
             "float_check": {**float_check, "seconds": round(t1 - t0, 2)},
             "convert_seconds": round(time.perf_counter() - t1, 2)}
@@ -296,13 +312,121 @@ def check_lut_grid(tflite: bytes, layer_quant: dict[str, ActivationQuant]) -> No
 
 
 def lut_tensors(interpreter, layer: str) -> tuple[int, int]:
-    """The (input, output) tensor indices of one layer's LUT chain in a loaded interpreter:
-    the data input of its first SELECT_V2 (the LUT's x — a LESS may read a rescaled copy, see
-    onnx_to_tf.LESS_MIN_SCALE) and the output of its last one."""
+    """The (input, output) tensor indices of one layer's LUT in a loaded interpreter, whatever
+    its form: its first op is found by name (`<layer>/lut/`), the rest by wiring, since the
+    last op's output may carry another name (the graph's output, a fused consumer's).
+    `select`: x is the data input of the first SELECT_V2 (a LESS may read a rescaled copy,
+    see onnx_to_tf.LESS_MIN_SCALE). Branch-free forms: x is the chain's activation-sized input."""
     names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
-    key = f"{layer}/lut/"
-    selects = [op for op in interpreter._get_ops_details()  # the only API exposing op wiring
-               if op["op_name"] == "SELECT_V2" and any(key in names.get(i, "") for i in op["outputs"])]
-    if not selects:
-        raise ExportError(f"no SELECT_V2 of layer {layer} (tensor names containing {key!r}) in the TFLite model")
-    return selects[0]["inputs"][2], selects[-1]["outputs"][0]
+    ops = [op for op in interpreter._get_ops_details() if op["op_name"] != "DELEGATE"]  # the only API exposing wiring
+    key = f"{layer}{onnx_to_tf.LUT_SCOPE}"
+    first = next((op for op in ops if op["op_name"] == "SELECT_V2"
+                  and any(key in names.get(i, "") for i in op["outputs"])), None)
+    if first is not None:
+        y = first["outputs"][0]
+        for _ in range(2):  # Where(x<t2, v1, ·) then Where(x<t1, v0, ·): each reads the previous as its data
+            y = next((op["outputs"][0] for op in ops if op["op_name"] == "SELECT_V2" and op["inputs"][2] == y), y)
+        return first["inputs"][2], y
+    for form in LUT_FORMS[1:]:
+        chain = [op for op in ops if any(f"{key}{form}/" in names.get(i, "") for i in op["outputs"])]
+        if chain:
+            return _branch_free_ends(ops, chain, form, interpreter)
+    raise ExportError(f"no LUT of layer {layer} (SELECT_V2 or {'/'.join(LUT_FORMS[1:])} ops writing tensors "
+                      f"named {key!r}...) in the TFLite model")
+
+
+def _branch_free_ends(ops: list[dict], chain: list[dict], form: str, interpreter) -> tuple[int, int]:
+    """Extend a named chain by the ops of its form that read only chain tensors and constants
+    (its final ADD may be named after a graph output); x = its largest outside input."""
+    written = {i for op in ops for i in op["outputs"]}
+    produced = {i for op in chain for i in op["outputs"]}
+    sizes = {t["index"]: int(np.prod(t["shape"])) for t in interpreter.get_tensor_details()}
+    x = max((i for op in chain for i in op["inputs"] if i >= 0 and i not in produced), key=sizes.get)
+    for op in ops[ops.index(chain[-1]) + 1:]:
+        inputs = [i for i in op["inputs"] if i >= 0]
+        if (op["op_name"] in LUT_OPS[form] and any(i in produced for i in inputs)
+                and all(i in produced or i == x or i not in written for i in inputs)):
+            chain.append(op)
+            produced.update(op["outputs"])
+    return x, chain[-1]["outputs"][0]
+
+
+# ----------------------------------------------------------------------------- every code, per LUT
+
+def lut_submodel(tflite: bytes, x: int, y: int) -> tuple[bytes, list[str]]:
+    """The ops that compute tensor y from tensor x (and constants), as a model of their own with
+    input x and output y: the LUT exactly as the file holds it. Returns (model, op names)."""
+    import flatbuffers
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = read_model(tflite)
+    sub = model.subgraphs[0]
+    producer = {out: i for i, op in enumerate(sub.operators) for out in op.outputs}
+    keep, todo = set(), [y]
+    while todo:
+        t = todo.pop()
+        if t == x or t < 0:
+            continue
+        if t not in producer:
+            data = model.buffers[sub.tensors[t].buffer].data
+            if data is None or len(data) == 0:
+                raise ExportError(f"the LUT ending in tensor {t} reads tensor {t}, neither its input nor a constant")
+            continue
+        if producer[t] not in keep:
+            keep.add(producer[t])
+            todo.extend(sub.operators[producer[t]].inputs)
+    sub.operators = [op for i, op in enumerate(sub.operators) if i in keep]
+    sub.inputs, sub.outputs = np.array([x], np.int32), np.array([y], np.int32)
+    model.signatureDefs = []
+    ops = _enum_names(schema.BuiltinOperator)
+    names = [ops.get(max(model.operatorCodes[op.opcodeIndex].builtinCode,
+                         model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode), "?") for op in sub.operators]
+    builder = flatbuffers.Builder(len(tflite) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output()), names
+
+
+def lut_code_table(model: bytes, default_delegates: bool = True) -> np.ndarray:
+    """Output uint8 code of a LUT sub-model for every input code 0..255 (int8 code + 128)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    options = {} if default_delegates else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    interpreter = Interpreter(model_content=model, **options)
+    detail = interpreter.get_input_details()[0]
+    size = int(np.prod(detail["shape"][1:]))
+    batch = -(-256 // size)
+    interpreter.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]], strict=False)
+    interpreter.allocate_tensors()
+    codes = np.resize(np.arange(256), batch * size)
+    interpreter.set_tensor(detail["index"], (codes - 128).astype(np.int8).reshape(batch, *detail["shape"][1:]))
+    interpreter.invoke()
+    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).reshape(-1).astype(np.int32) + 128
+    return out[:256]
+
+
+def check_lut_codes(tflite: bytes, luts: dict[str, tuple[LayerLUT, ActivationQuant]], lut_form: str) -> dict:
+    """Every LUT in the file, cut out with its own ops, must map each of the 256 input codes as
+    LayerLUT.apply_codes does — in LiteRT with XNNPACK and with the builtin kernels, since the two
+    round differently. Returns {layer: op histogram of its chain}."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=bytes(tflite))
+    out = {}
+    for layer, (lut, aq) in sorted(luts.items()):
+        model, ops = lut_submodel(tflite, *lut_tensors(interpreter, layer))
+        stray = sorted(set(ops) - LUT_OPS[lut_form])
+        if stray:
+            raise ExportError(f"layer {layer}: the TFLite LUT holds {stray}, expected only {sorted(LUT_OPS[lut_form])} "
+                              f"for lut_form={lut_form}")
+        codes = np.arange(256)
+        want = lut.apply_codes(codes, aq.zero_point)
+        for delegates, runtime in ((True, "LiteRT + XNNPACK"), (False, "LiteRT builtin kernels")):
+            got = lut_code_table(model, delegates)
+            wrong = np.flatnonzero(got != want)
+            if wrong.size:
+                q = int(wrong[0])
+                raise ExportError(f"layer {layer}: the TFLite LUT ({lut_form}) maps {wrong.size} of 256 codes off the "
+                                  f"table in {runtime}, e.g. code {q} → {got[q]}, expected {want[q]} "
+                                  f"({lut.describe()}); the lowering is wrong")
+        out[layer] = dict(sorted(Counter(ops).items()))
+    return out

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from deploy_kit.cli import emit, handle_errors, json_option, say
+from exporters.onnx_to_tf import LUT_FORMS
 from exporters.registry import ALL, TARGETS
 
 
@@ -20,12 +21,16 @@ from exporters.registry import ALL, TARGETS
               help="Export target (repeatable). model.onnx is always written: every target converts it.")
 @click.option("--io", default="int8", show_default=True, type=click.Choice(["int8", "float"]),
               help="TFLite input/output type (ONNX and ORT take and return float).")
+@click.option("--lut-form", default="select", show_default=True, type=click.Choice(LUT_FORMS),
+              help="How the TFLite file lowers each LUT: select = 3 LESS + 3 SELECT_V2 (the ONNX graph op for op); "
+                   "minmax = clamps by MAXIMUM/MINIMUM/SUB/MUL/ADD; saturate = clamps by int8 saturation, "
+                   "ADD/SUB/MUL only (all taken by XNNPACK). All are exact on the 256 codes; ONNX/ORT keep Less/Where.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Exports folder; default: <folder of result.json>/exports.")
 @click.option("--force", is_flag=True, help="Replace an existing exports folder.")
 @json_option
 @handle_errors
-def command(result_path, teacher_path, targets, io, out, force, as_json):
+def command(result_path, teacher_path, targets, io, lut_form, out, force, as_json):
     """Rewrite the teacher's ONNX graph with the chosen LUTs and convert it to each target.
 
     Writes the LUT variant (model.onnx, model.ort, model_int8.tflite) and the plain-ReLU
@@ -35,11 +40,12 @@ def command(result_path, teacher_path, targets, io, out, force, as_json):
     Example:
       deploykit export --config runs/lenet5/result.json --target all
       deploykit export --config result.json --teacher runs/lenet5 --target tflite --io float --out /tmp/x
+      deploykit export --config runs/lenet5/result.json --target tflite --lut-form saturate --force
     """
     from deploy_kit.export import ExportConfig, export
 
     cfg = ExportConfig(result_path=result_path, teacher_path=teacher_path, targets=tuple(targets), io=io,
-                       out=out, force=force)
+                       lut_form=lut_form, out=out, force=force)
     say(f"exporting {result_path} → {cfg.out_dir}")
     summary = export(cfg, progress=say)
     say(f"{len(summary['artifacts'])} artifacts + manifest.json in {summary['seconds']:.1f}s → {summary['out']}")

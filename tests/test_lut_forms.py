@@ -1,0 +1,189 @@
+"""`--lut-form`: how the TFLite file lowers each LUT (select / minmax / saturate), in real LiteRT.
+
+Every form must map all 256 input codes of every LUT layer by the code table, inside the exported
+file (the LUT cut out of it, with XNNPACK and with builtin kernels), pass `verify --localize`,
+and be recorded in manifest.json and the TFLite metadata. A wrong constant must be caught.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from deploy_kit.errors import ConfigError, ExportError
+from deploy_kit.lut import ActivationQuant, LayerLUT
+from exporters import onnx_to_tf, tflite
+from exporters.registry import TARGETS
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("ai_edge_litert")
+
+BRANCH_FREE = [f for f in onnx_to_tf.LUT_FORMS if f != "select"]
+# The minmax form is the slowest to export and is covered by the small-model tests below.
+FORMS = [pytest.param(f, marks=pytest.mark.slow) if f == "minmax" else f for f in onnx_to_tf.LUT_FORMS]
+
+
+@pytest.fixture(scope="module")
+def lenet_lut_run(lenet_teacher, tmp_path_factory):
+    """Factory: the session LeNet5 teacher with LUT_CODES at every layer (conftest), exported to
+    ONNX + TFLite with one lut_form; returns (exports folder, teacher)."""
+    from deploy_kit.export import ExportConfig, export
+    from deploy_kit.fsutil import write_json
+    from deploy_kit.teacher import load_teacher
+    from conftest import LUT_CODES
+
+    made = {}
+
+    def make(form: str):
+        if form not in made:
+            run = tmp_path_factory.mktemp(f"lut_form_{form}")
+            for f in lenet_teacher.iterdir():
+                shutil.copy(f, run / f.name)
+            teacher = load_teacher(run)
+            write_json(run / "result.json", {"model": teacher.arch, "teacher": {"path": ".", "sha256": teacher.sha256},
+                                             "layers": {n: dict(LUT_CODES) for n in teacher.layer_quant}})
+            export(ExportConfig(result_path=run / "result.json", targets=("tflite",), lut_form=form))
+            made[form] = (run / "exports", teacher)
+        return made[form]
+
+    return make
+
+
+def _lut_layers(teacher) -> dict[str, tuple[LayerLUT, ActivationQuant]]:
+    from conftest import LUT_CODES
+
+    lut = LayerLUT(*(LUT_CODES[k] for k in ("t1_code", "v1_code", "t2_code", "v2_code", "tmax_code")))
+    return {n: (lut, aq) for n, aq in teacher.layer_quant.items()}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_each_form_is_full_integer_exact_on_all_codes_and_recorded(lenet_lut_run, form):
+    import json
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    exports, teacher = lenet_lut_run(form)
+    path = exports / TARGETS["tflite"].path("lut")
+    layers = _lut_layers(teacher)
+    manifest = json.loads((exports / "manifest.json").read_text())
+    assert manifest["lut_form"] == form
+    entry = next(a for a in manifest["artifacts"] if a["target"] == "tflite" and a["variant"] == "lut")
+    assert entry["lut_form"] == form and set(entry["lut_ops"]) == set(layers)
+    assert tflite.read_metadata(path)["lut_form"] == form
+
+    info = tflite.check_full_integer(path, len(layers), lut_form=form)
+    assert info["float_tensors"] == [] and info["custom_ops"] == []
+    if form == "select":
+        assert info["ops"]["LESS"] == info["ops"]["SELECT_V2"] == 3 * len(layers)
+    else:
+        assert "LESS" not in info["ops"] and "SELECT_V2" not in info["ops"]
+        with pytest.raises(ExportError, match="expected 3 per LUT layer"):  # not the default's pattern
+            tflite.check_full_integer(path, len(layers), lut_form="select")
+
+    # every LUT, cut out of the file with its own ops: all 256 input codes → the code table
+    data = path.read_bytes()
+    interpreter = Interpreter(model_content=data)
+    codes = np.arange(256)
+    for layer, (lut, aq) in layers.items():
+        model, ops = tflite.lut_submodel(data, *tflite.lut_tensors(interpreter, layer))
+        assert set(ops) <= tflite.LUT_OPS[form], (layer, ops)
+        want = lut.apply_codes(codes, aq.zero_point)
+        for delegates in (True, False):
+            np.testing.assert_array_equal(tflite.lut_code_table(model, delegates), want, err_msg=f"{layer} {form}")
+
+
+def test_saturate_lut_runs_whole_in_xnnpack_and_select_does_not(lenet_lut_run):
+    """The point of `saturate`: XNNPACK takes every op of the LUT (one DELEGATE node replaces the
+    chain), while LESS/SELECT_V2 stay in LiteRT's builtin kernels."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    for form, whole in (("saturate", True), ("select", False)):
+        exports, teacher = lenet_lut_run(form)
+        data = (exports / TARGETS["tflite"].path("lut")).read_bytes()
+        for layer in teacher.layer_quant:
+            model, ops = tflite.lut_submodel(data, *tflite.lut_tensors(Interpreter(model_content=data), layer))
+            sub = Interpreter(model_content=model)
+            sub.allocate_tensors()
+            names = [op["op_name"] for op in sub._get_ops_details()]
+            # the op list keeps the original nodes and appends the delegate's; a DELEGATE node
+            # writing the LUT's output means XNNPACK runs the chain up to it
+            delegated_out = {o for op in sub._get_ops_details() if op["op_name"] == "DELEGATE" for o in op["outputs"]}
+            assert (names.count("DELEGATE") == 1 and sub.get_output_details()[0]["index"] in delegated_out) == whole, \
+                (form, layer, names)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_each_form_passes_verify_with_localize(lenet_lut_run, form):
+    from deploy_kit.verify import VerifyConfig, verify_exports
+
+    exports, _ = lenet_lut_run(form)
+    report = verify_exports(VerifyConfig(exports=exports, localize=True), progress=False)
+    assert report.passed, report.failures()
+    row = next(r for r in report.rows if r.checked and r.artifact == TARGETS["tflite"].path("lut"))
+    assert row.agreement_student >= 99.0
+    assert row.localize["layers"] and all(e["table_mismatch"] == 0 for e in row.localize["layers"].values())
+
+
+# ----------------------------------------------------------------------------- small models
+
+def _lut_model(tmp_path: Path, lut: LayerLUT, aq: ActivationQuant) -> tuple[onnx.ModelProto, np.ndarray]:
+    from test_onnx_to_tf import lut_layer_model
+
+    proto = lut_layer_model(lut, aq)
+    return proto, aq.value(np.arange(256).reshape(1, 1, 16, 16)).astype(np.float32)
+
+
+def test_read_graph_recovers_the_codes_of_each_lut(tmp_path):
+    lut, aq = LayerLUT(3, 6, 10, 14, 20), ActivationQuant(0.0125, 0)
+    proto, _ = _lut_model(tmp_path, lut, aq)
+    for form in onnx_to_tf.LUT_FORMS:
+        graph = onnx_to_tf.read_graph(proto, form)
+        (layer, (found, quant)), = graph.luts.items()
+        assert layer == "layer" and found == lut and quant.scale == pytest.approx(aq.scale) and quant.zero_point == 0
+        assert sum(n.op == onnx_to_tf.LUT_NODE for n in graph.nodes) == (form != "select")
+    with pytest.raises(ExportError, match="lut_form must be one of select, minmax, saturate"):
+        onnx_to_tf.read_graph(proto, "gather")
+
+
+# v2 = tmax (a zero-height step), a fine scale (LESS needs its rescale there), tmax at the top code
+@pytest.mark.parametrize("lut, aq", [(LayerLUT(3, 6, 10, 14, 14), ActivationQuant(0.003, 0)),
+                                     (LayerLUT(0, 1, 2, 3, 255), ActivationQuant(0.05, 0))])
+@pytest.mark.parametrize("form", BRANCH_FREE)
+def test_branch_free_forms_are_exact_on_edge_codes(tmp_path, form, lut, aq):
+    proto, x = _lut_model(tmp_path, lut, aq)
+    onnx.save(proto, str(tmp_path / "lut.onnx"))
+    details = tflite.export_tflite(tmp_path / "lut.onnx", tmp_path / "lut.tflite", calibration=x,
+                                   layer_quant={"layer": aq}, lut_form=form)  # raises unless all 256 codes match
+    assert details["lut_form"] == form and set(details["lut_ops"]["layer"]) <= tflite.LUT_OPS[form]
+
+
+@pytest.mark.parametrize("form", BRANCH_FREE)
+def test_a_wrong_constant_in_a_branch_free_lut_is_caught(tmp_path, monkeypatch, form):
+    """One threshold one code too high: the float check is bypassed (convert directly) so that
+    the code check alone must find it, naming the layer and the first wrong code."""
+    lut, aq = LayerLUT(3, 6, 10, 14, 20), ActivationQuant(0.0125, 0)
+    proto, x = _lut_model(tmp_path, lut, aq)
+    right = onnx_to_tf.lut_steps
+    monkeypatch.setattr(onnx_to_tf, "lut_steps", lambda lut, quant: [(t + (t == lut.t2), w) for t, w in right(lut, quant)])
+    graph = onnx_to_tf.read_graph(proto, form)
+    data = tflite.convert(graph, x)
+    with pytest.raises(ExportError, match=rf"layer layer: the TFLite LUT \({form}\) maps 1 of 256 codes off the table "
+                                          rf"in LiteRT \+ XNNPACK, e.g. code 11 → 6, expected 14"):
+        tflite.check_lut_codes(data, graph.luts, form)
+    # and the whole export refuses it (the float check against onnxruntime sees it first)
+    onnx.save(proto, str(tmp_path / "lut.onnx"))
+    with pytest.raises(ExportError):
+        tflite.export_tflite(tmp_path / "lut.onnx", tmp_path / "lut.tflite", calibration=x,
+                             layer_quant={"layer": aq}, lut_form=form)
+    assert not (tmp_path / "lut.tflite").exists()
+
+
+def test_export_config_rejects_an_unknown_lut_form(tmp_path):
+    from deploy_kit.export import ExportConfig
+
+    with pytest.raises(ConfigError, match="--lut-form must be one of select, minmax, saturate, got 'gather'"):
+        ExportConfig(result_path=tmp_path / "result.json", lut_form="gather")
