@@ -1,6 +1,13 @@
-"""The LUT's cost in TFLite INT8 (LiteRT + XNNPACK), in two exact forms, after conv blocks.
+"""The LUT's cost in TFLite INT8 (LiteRT + XNNPACK), in three exact forms, after conv blocks.
 
     python benchmarks/tflite_lut_forms.py [--layers 4] [--channels 32] [--rounds 3]
+    python benchmarks/tflite_lut_forms.py --exports DIR [DIR ...] [--rounds 7] [--repeats 300]
+
+The second form times real exports (`deploykit export --lut-form F`): per folder, the LUT and
+ReLU .tflite files in one process, interleaved, batch 1, one thread, `invoke()` only (no
+Python-side quantization), median per round and the median of the per-round ratios; plus the
+XNNPACK partition count (DELEGATE nodes) and each LUT chain timed alone (cut out of the file by
+exporters.tflite.lut_submodel) — where the extra time goes.
 
 `select`  the exported form: LESS/SELECT_V2 ×3 (exporters/tflite.py). XNNPACK takes neither
           op, so the graph splits around every LUT and SELECT_V2 runs in a builtin kernel.
@@ -14,6 +21,7 @@ Both are first checked on all 256 input codes against the code table; then each 
 import argparse
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -121,12 +129,88 @@ def exact(act):
     return int((out != want).sum()), di["quantization"], do["quantization"]
 
 
+def _invoke_ms(it, inputs, repeats: int) -> float:
+    """Median invoke() time, cycling through real quantized images (SELECT_V2's cost is data-dependent)."""
+    d = it.get_input_details()[0]
+    for q in inputs[:10]:
+        it.set_tensor(d["index"], q); it.invoke()
+    ts = []
+    for i in range(repeats):
+        it.set_tensor(d["index"], inputs[i % len(inputs)])
+        t = time.perf_counter(); it.invoke(); ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) * 1e3
+
+
+def _interpreter(model):
+    kw = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+    it = Interpreter(num_threads=1, **kw); it.allocate_tensors()
+    return it
+
+
+def _quantized_images(it, x_nchw):
+    d = it.get_input_details()[0]; sc, zp = d["quantization"]
+    x = x_nchw.transpose(0, 2, 3, 1)
+    return [np.clip(np.rint(img[None] / sc) + zp, -128, 127).astype(np.int8) for img in x]
+
+
+def _test_images(folder, count=32):
+    from deploy_kit import runners as rn
+    from deploy_kit.data import load_dataset, normalize
+
+    manifest = rn.load_manifest(folder)
+    teacher = rn.load_manifest_teacher(manifest, folder)
+    test = load_dataset(manifest["data"], seed=int(manifest.get("seed", 0))).split("test")
+    pick = np.sort(np.random.default_rng(0).choice(len(test), size=min(count, len(test)), replace=False))
+    return manifest, normalize(test.images[pick], teacher.norm)
+
+
+def _lut_chain_ms(model_path, layers, repeats):
+    """Each LUT chain alone (its own ops cut out of the file), batch 1, on random codes."""
+    from exporters import tflite as tfl
+
+    data = Path(model_path).read_bytes()
+    full = _interpreter(data)
+    out = {}
+    for layer in layers:
+        sub, _ = tfl.lut_submodel(data, *tfl.lut_tensors(full, layer))
+        it = _interpreter(sub)
+        d = it.get_input_details()[0]
+        codes = [rng.integers(-128, 128, d["shape"]).astype(np.int8) for _ in range(8)]
+        out[layer] = _invoke_ms(it, codes, repeats)
+    return out
+
+
+def exports_mode(folders, rounds: int, repeats: int) -> None:
+    print("| exports | lut_form | relu ms | lut ms | LUT/ReLU (median of rounds) | min..max | XNNPACK partitions lut/relu "
+          "| LUT chains alone ms |\n|---|---|---:|---:|---:|---|---|---:|")
+    for folder in folders:
+        folder = Path(folder)
+        manifest, x = _test_images(folder)
+        paths = {v: folder / ("relu/" if v == "relu" else "") / "model_int8.tflite" for v in ("lut", "relu")}
+        its = {v: _interpreter(p) for v, p in paths.items()}
+        inputs = {v: _quantized_images(it, x) for v, it in its.items()}
+        partitions = {v: sum(op["op_name"] == "DELEGATE" for op in it._get_ops_details()) for v, it in its.items()}
+        times = {v: [] for v in its}
+        for _ in range(rounds):
+            for v, it in its.items():
+                times[v].append(_invoke_ms(it, inputs[v], repeats))
+        ratios = np.array(times["lut"]) / np.array(times["relu"])
+        chains = _lut_chain_ms(paths["lut"], list(manifest["layers"]), repeats)
+        print(f"| {folder} | {manifest.get('lut_form', 'select')} | {np.median(times['relu']):.4f} | "
+              f"{np.median(times['lut']):.4f} | {np.median(ratios):.2f} | {ratios.min():.2f}..{ratios.max():.2f} | "
+              f"{partitions['lut']}/{partitions['relu']} | {sum(chains.values()):.4f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--exports", nargs="+", type=Path, help="time these export folders instead of the synthetic models")
+    p.add_argument("--repeats", type=int, default=300)
     a = p.parse_args()
+    if a.exports:
+        return exports_mode(a.exports, a.rounds, a.repeats)
     for name, act in (("select", lut_select), ("minmax", lut_minmax), ("saturate", lut_saturate)):
         wrong, qin, qout = exact(act)
         print(f"{name}: {wrong} of 256 codes differ from the table (input quant {qin}, output {qout})")

@@ -26,7 +26,8 @@ from deploy_kit.cli import emit, handle_errors, json_option, say
 def command(exports, warmup, repeats, repeats32, rounds, threads, seed, float_baseline, as_json):
     """Batch-1 latency p50/p90 after warm-up, throughput at batch 32, peak memory and size, per
     runtime, for the LUT model and the plain-ReLU model; writes bench.json and bench.md next
-    to manifest.json.
+    to manifest.json. Re-running replaces bench.json and bench.md (no --force needed); the
+    artifacts themselves are never modified.
 
     \b
     Example:

@@ -58,6 +58,7 @@ def render_localize(row) -> list[str]:
 def command(exports, data, split, max_drop, min_agreement, localize, threads, as_json):
     """Check every artifact's sha256, run the whole split through every runtime, print one
     table and write verify.json next to manifest.json. Exits 1 when a threshold fails.
+    Re-running replaces verify.json (no --force needed); the artifacts themselves are never modified.
 
     \b
     Example:
