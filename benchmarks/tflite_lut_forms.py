@@ -182,7 +182,7 @@ def _lut_chain_ms(model_path, layers, repeats):
 
 def exports_mode(folders, rounds: int, repeats: int) -> None:
     print("| exports | lut_form | relu ms | lut ms | LUT/ReLU (median of rounds) | min..max | XNNPACK partitions lut/relu "
-          "| LUT chains alone ms |\n|---|---|---:|---:|---:|---|---|---:|")
+          "| LUT chains alone ms | ORT LUT/ReLU |\n|---|---|---:|---:|---:|---|---|---:|---:|")
     for folder in folders:
         folder = Path(folder)
         manifest, x = _test_images(folder)
@@ -196,9 +196,35 @@ def exports_mode(folders, rounds: int, repeats: int) -> None:
                 times[v].append(_invoke_ms(it, inputs[v], repeats))
         ratios = np.array(times["lut"]) / np.array(times["relu"])
         chains = _lut_chain_ms(paths["lut"], list(manifest["layers"]), repeats)
+        ort = _ort_ratio(folder, x, rounds, repeats)
         print(f"| {folder} | {manifest.get('lut_form', 'select')} | {np.median(times['relu']):.4f} | "
               f"{np.median(times['lut']):.4f} | {np.median(ratios):.2f} | {ratios.min():.2f}..{ratios.max():.2f} | "
-              f"{partitions['lut']}/{partitions['relu']} | {sum(chains.values()):.4f} |", flush=True)
+              f"{partitions['lut']}/{partitions['relu']} | {sum(chains.values()):.4f} | {ort:.2f} |", flush=True)
+
+
+def _ort_ratio(folder, x, rounds: int, repeats: int) -> float:
+    """onnxruntime model.onnx LUT/ReLU, one thread, run() only, same images (its LUT is always Less/Where)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    sessions = {v: ort.InferenceSession(str(folder / ("relu/" if v == "relu" else "") / "model.onnx"), options,
+                                        providers=["CPUExecutionProvider"]) for v in ("lut", "relu")}
+    images = [img[None].astype(np.float32) for img in x]
+
+    def run_ms(sess):
+        name = sess.get_inputs()[0].name
+        for img in images[:10]:
+            sess.run(None, {name: img})
+        ts = []
+        for i in range(repeats):
+            t = time.perf_counter(); sess.run(None, {name: images[i % len(images)]}); ts.append(time.perf_counter() - t)
+        return float(np.median(ts))
+
+    ratios = []
+    for _ in range(rounds):
+        ratios.append(run_ms(sessions["lut"]) / run_ms(sessions["relu"]))
+    return float(np.median(ratios))
 
 
 def main():

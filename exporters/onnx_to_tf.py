@@ -529,20 +529,25 @@ def _saturate(x, lut: LayerLUT, quant: ActivationQuant):
     delegating an int8 ADD/SUB — a wider ratio (one MUL by Σw before the clamps) ran in the
     builtin kernels at 23× the ReLU's cost. The identity part starts one code above tmax and
     the tmax step is one code higher: `x − s·(tmax−z)` twice with two ranges would be merged
-    by the converter into one tensor it cannot quantize (it stayed float)."""
+    by the converter into one tensor it cannot quantize (it stayed float). With tmax = 255 no
+    code is above it: no identity part, and the plain tmax step."""
     s, z = quant.scale, quant.zero_point
     positive = s * 255  # [0, 255·s]: scale s, every value ≥ 0 of the grid
-    steps = [(t, w) for t, w in lut_steps(lut, quant) if t != lut.tmax] + [(lut.tmax, lut.tmax - lut.v2 + 1)]
-    y = _fq(x - np.float32(s * (lut.tmax + 1 - z)), 0.0, positive)  # max(x − a, 0): q above tmax + 1
+    steps = lut_steps(lut, quant)
+    terms = []
+    if lut.tmax < 255:
+        terms.append(_fq(x - np.float32(s * (lut.tmax + 1 - z)), 0.0, positive))  # max(x − a, 0) above tmax
+        steps = [(t, w) for t, w in steps if t != lut.tmax] + [(lut.tmax, lut.tmax - lut.v2 + 1)]
     for t, w in steps:
         if t == z:  # x − 0 is x itself, which already has its range: clamp 2w·x to [0, w·s] instead
-            step = _fq(x * np.float32(2 * w), 0.0, s * w)
-        else:
-            step = _fq(x - np.float32(s * (t - z)), 0.0, s)
-            if w != 1:
-                step = _fq(step * np.float32(w), 0.0, s * w)
-        y = _fq(y + step, 0.0, positive)
-    return _fq(y, s * (0 - z), s * (255 - z)) if z else y
+            terms.append(_fq(x * np.float32(2 * w), 0.0, s * w))
+            continue
+        step = _fq(x - np.float32(s * (t - z)), 0.0, s)
+        terms.append(_fq(step * np.float32(w), 0.0, s * w) if w != 1 else step)
+    y = terms[0]
+    for term in terms[1:]:
+        y = _fq(y + term, 0.0, positive)
+    return _fq(y, s * (0 - z), s * (255 - z)) if z or len(terms) == 1 else y
 
 
 BRANCH_FREE = {"minmax": _minmax, "saturate": _saturate}
