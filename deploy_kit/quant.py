@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,7 +50,8 @@ BACKENDS = ("qnnpack", "x86", "fbgemm")
 ARITHMETIC = "runtime-int32/1"
 INT32 = (-2**31, 2**31 - 1)
 # float32 holds every integer up to 2^24 exactly, so a float32 convolution of integer codes is
-# an exact int32 accumulation as long as no partial sum can exceed it; beyond, use float64.
+# an exact int32 accumulation as long as no partial sum can exceed it; beyond, use float64
+# (several times slower on CPU, hence the tight bound in _integer_params).
 FLOAT32_EXACT = 2**24
 
 
@@ -61,10 +63,15 @@ class RuntimeFakeQuantize(tq.FakeQuantize):
     by float32(1/s), which lands on the other side of a half step for a few input pixels."""
 
     runtime_arithmetic = False
+    # Set on the output quantizer of a block that already computes on-grid codes: quantizing
+    # again would return the same values, so skip the work.
+    on_grid_input = False
 
     def forward(self, x):
         if self.training or not self.runtime_arithmetic or not self.fake_quant_enabled[0]:
             return super().forward(x)
+        if self.on_grid_input:
+            return x
         s, z = self.scale.reshape(()), self.zero_point.reshape(()).float()
         q = torch.clamp(torch.round(x / s) + z, self.quant_min, self.quant_max)
         return (q - z) * s
@@ -88,21 +95,50 @@ class _RuntimeArithmetic:
         raise NotImplementedError
 
     def _runtime_forward(self, x: torch.Tensor) -> torch.Tensor:
-        aq, out = self.input_quant, self.activation_post_process
-        w_codes, w_scale = _weight_codes(self)
-        reach = max(aq.qmax - aq.zero_point, aq.zero_point - aq.qmin) * 127 * w_codes[0].numel()
-        dtype = torch.float32 if reach < FLOAT32_EXACT else torch.float64
+        p = self._integer_params()
         # x = s_in·(q − z_in) is on the grid, so x / s_in is the centered code q − z_in
-        x_codes = torch.round(x / np.float32(aq.scale)).to(dtype)
-        acc = self._linear_op(x_codes, w_codes.to(dtype))
-        if self.bias is not None:
-            b_codes, _ = bias_codes(self.bias.detach(), aq.scale, w_scale)
-            acc = acc + b_codes.to(dtype).reshape(_channel_shape(acc))
-        s_out, z_out = float(out.scale.reshape(-1)[0]), int(out.zero_point.reshape(-1)[0])
-        m = requant_scale(aq.scale, w_scale, s_out).reshape(_channel_shape(acc))
-        y = acc.float() * m  # float(int32) · float32 scale, as MLAS's requantization does
-        lo = max(out.quant_min - z_out, 0) if self.relu else out.quant_min - z_out
-        return torch.clamp(torch.round(y), lo, out.quant_max - z_out) * np.float32(s_out)
+        acc = self._linear_op(torch.round(x / p.s_in).to(p.dtype), p.w_codes)
+        if p.b_codes is not None:
+            acc.add_(p.b_codes.reshape(_channel_shape(acc)))
+        y = acc.float().mul_(p.m.reshape(_channel_shape(acc)))  # float(int32) · float32 scale, as MLAS requantizes
+        return y.round_().clamp_(p.lo, p.hi).mul_(p.s_out)
+
+    def _integer_params(self) -> "IntegerParams":
+        """The integer constants of this block, cached until a weight, bias or scale changes
+        (every in-place change bumps a tensor's `_version`)."""
+        out = self.activation_post_process
+        tensors = (self.weight, self.bias, self.weight_fake_quant.scale, out.scale, out.zero_point)
+        key = (self.input_quant, tuple(None if t is None else (id(t), t._version) for t in tensors))
+        cached = self.__dict__.get("_integer_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, _integer_params(self))
+            self.__dict__["_integer_cache"] = cached
+        return cached[1]
+
+
+@dataclass(frozen=True)
+class IntegerParams:
+    dtype: torch.dtype
+    s_in: np.float32
+    w_codes: torch.Tensor
+    b_codes: torch.Tensor | None
+    m: torch.Tensor
+    lo: int
+    hi: int
+    s_out: np.float32
+
+
+def _integer_params(op: nn.Module) -> IntegerParams:
+    aq, out = op.input_quant, op.activation_post_process
+    w_codes, w_scale = _weight_codes(op)
+    # the largest |partial sum| any input can produce: max |x code| · the largest channel's Σ|w code|
+    reach = max(aq.qmax - aq.zero_point, aq.zero_point - aq.qmin) * float(w_codes.abs().flatten(1).sum(1).max())
+    dtype = torch.float32 if reach < FLOAT32_EXACT else torch.float64
+    b_codes = None if op.bias is None else bias_codes(op.bias.detach(), aq.scale, w_scale)[0].to(dtype)
+    s_out, z_out = float(out.scale.reshape(-1)[0]), int(out.zero_point.reshape(-1)[0])
+    lo = max(out.quant_min - z_out, 0) if op.relu else out.quant_min - z_out
+    return IntegerParams(dtype, np.float32(aq.scale), w_codes.to(dtype), b_codes, requant_scale(aq.scale, w_scale, s_out),
+                         lo, out.quant_max - z_out, np.float32(s_out))
 
 
 def _channel_shape(acc: torch.Tensor) -> tuple[int, ...]:
@@ -192,6 +228,7 @@ def use_runtime_arithmetic(model: ZooModel, on: bool = True) -> ZooModel:
     for name, child in _forward_order(model):
         if isinstance(child, Block):
             child.op.input_quant = grid
+            child.op.activation_post_process.on_grid_input = grid is not None
             grid = _as_quant(_fake_quant_of(child.op)) if on else None
         elif isinstance(child, GridAveragePool):
             child.grid = grid  # its output stays on the input's grid

@@ -219,3 +219,27 @@ def test_global_pool_rounds_the_mean_code_half_to_even_on_its_input_grid():
     assert torch.round(got).tolist() == [0, 2, 2, 2]  # 0.5 → 0, 1.5 → 2, 2.5 → 2, 1.75 → 2
     pool.grid = None
     torch.testing.assert_close(pool(x).reshape(-1), x.mean((-2, -1)).reshape(-1))  # unbound: the float pool
+
+
+def test_runtime_arithmetic_stays_exact_past_float32_integers():
+    """1,000 inputs at code 255 times weight codes 127: partial sums pass 2^24, where float32
+    would round them; the block then accumulates in float64 and still matches int64."""
+    op = quant.Linear(1000, 2, qconfig=quant.qat_qconfig())
+    op.activation_post_process = quant.qat_qconfig().activation()
+    codes = np.full((2, 1000), 127)
+    codes[1, ::3] = -101
+    with torch.no_grad():
+        op.weight.copy_(torch.from_numpy(codes).float())
+        op.bias.copy_(torch.tensor([3.0, -7.0]))
+    op.weight_fake_quant.scale = torch.ones(2)
+    op.weight_fake_quant.zero_point = torch.zeros(2, dtype=torch.int32)
+    op.activation_post_process.scale.fill_(2.0**18)  # power of two: M is exact, so is the reference
+    op.activation_post_process.zero_point.fill_(0)
+    op.input_quant = quant.ActivationQuant(1.0, 0)
+    x = np.full(1000, 255)
+    x[::7] = 254
+    assert op._integer_params().dtype == torch.float64
+    with torch.no_grad():
+        got = op.eval()._runtime_forward(torch.from_numpy(x).float()[None])[0] / 2.0**18
+    acc = codes.astype(np.int64) @ x + np.array([3, -7])
+    assert got.tolist() == np.clip(np.round(acc / 2.0**18), 0, 255).tolist()
