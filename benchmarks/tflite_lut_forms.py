@@ -13,7 +13,11 @@ exporters.tflite.lut_submodel) — where the extra time goes.
           op, so the graph splits around every LUT and SELECT_V2 runs in a builtin kernel.
 `minmax`  a branch-free form on the same grid: s·[q > t] = min(max(x, a), a + s) − a with
           a = s·(t − z), so LUT(x) = (v1−z)·step(t1) + (v2−v1)·step(t2) + (tmax−v2)·step(tmax)
-          + max(x, a_tmax) − a_tmax — MINIMUM/MAXIMUM/SUB/MUL/ADD, all XNNPACK int8 ops.
+          + max(x, a_tmax) − a_tmax — MINIMUM/MAXIMUM/SUB/MUL/ADD (XNNPACK takes no int8
+          MINIMUM/MAXIMUM: the graph still splits around each LUT).
+`saturate` the same clamps by int8 saturation (an op whose output tensor spans [0, s]):
+          ADD/SUB/MUL only, every op within XNNPACK's limits — one delegate partition.
+The branch-free forms are the exporter's own (`exporters.onnx_to_tf.BRANCH_FREE`).
 Both are first checked on all 256 input codes against the code table; then each model
 (`layers` × conv3x3 → ReLU [→ LUT] on 1×32×32×channels) is timed at batch 1, one thread.
 """
@@ -28,6 +32,9 @@ import numpy as np
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import tensorflow as tf  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
+
+from deploy_kit.lut import ActivationQuant, LayerLUT  # noqa: E402
+from exporters import onnx_to_tf  # noqa: E402
 
 # One activation grid (s, z) and one LUT on it; ranges fixed by fake-quant as the exporter does.
 s, z = 0.05, 0
@@ -54,30 +61,12 @@ def lut_select(x):
     return tf.where(x < th(t1), val(z), y)
 
 
-def step(x, t):  # s·[q > t] on the grid: clamp(x, a, a+s) - a, a = s·(t-z)
-    a = val(t)
-    return fq(fq(tf.minimum(fq(tf.maximum(x, a)), a + np.float32(s))) - a)
-
-
-def lut_minmax(x):
-    y = fq(step(x, t1) * np.float32(v1 - z))
-    y = fq(y + fq(step(x, t2) * np.float32(v2 - v1)))
-    y = fq(y + fq(step(x, tmax) * np.float32(tmax - v2)))
-    return fq(y + fq(fq(tf.maximum(x, val(tmax))) - val(tmax)))
+def lut_minmax(x):  # the exporter's own lowerings (exporters/onnx_to_tf.py), on this grid
+    return onnx_to_tf.BRANCH_FREE["minmax"](x, LayerLUT(t1, v1, t2, v2, tmax), ActivationQuant(s, z))
 
 
 def lut_saturate(x):
-    """The minmax form's clamps done by int8 saturation: an ADD whose output tensor spans
-    [0, s] clamps for free, so s·[q > t] = fq_[0,s](x − s·(t−z)), then ×w (MUL) — ADD/SUB/MUL
-    only, each within XNNPACK's input/output scale-ratio limit (< 256), so all are delegated."""
-    y = tf.quantization.fake_quant_with_min_max_vars(x - val(tmax), 0.0, s * 255)
-    for t, w in ((t1, v1 - z), (t2, v2 - v1), (tmax, tmax - v2)):
-        if w:
-            step = tf.quantization.fake_quant_with_min_max_vars(x - val(t), 0.0, s)
-            if w != 1:
-                step = tf.quantization.fake_quant_with_min_max_vars(step * np.float32(w), 0.0, s * w)
-            y = fq(y + step)
-    return y
+    return onnx_to_tf.BRANCH_FREE["saturate"](x, LayerLUT(t1, v1, t2, v2, tmax), ActivationQuant(s, z))
 
 
 def build(act, layers, channels):
