@@ -99,7 +99,8 @@ class _TorchRunner:
 
 
 class TeacherRunner(_TorchRunner):
-    """The QAT (fake-quant) teacher, `load_teacher(p).model`: the accuracy reference."""
+    """The frozen QAT teacher, `load_teacher(p).model`, evaluated in the runtimes' integer arithmetic
+    (int32 bias, per-channel requantization; docs/RUNTIMES.md, Agreement): the accuracy reference."""
 
     def __init__(self, teacher):
         super().__init__(teacher.model, "pytorch-teacher", teacher.weights_path.name,

@@ -28,7 +28,7 @@ REQUIRED_KEYS = ("model", "width", "input_shape", "classes", "layers", "normaliz
 
 @dataclass
 class Teacher:
-    """A loaded teacher: the QAT (fake-quant) model in eval mode, observers frozen."""
+    """A loaded teacher: the frozen QAT model in eval mode, evaluated in the integer runtimes' arithmetic."""
 
     model: ZooModel
     meta: dict
