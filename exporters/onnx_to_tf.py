@@ -530,24 +530,27 @@ def _saturate(x, lut: LayerLUT, quant: ActivationQuant):
     builtin kernels at 23× the ReLU's cost. The identity part starts one code above tmax and
     the tmax step is one code higher: `x − s·(tmax−z)` twice with two ranges would be merged
     by the converter into one tensor it cannot quantize (it stayed float). With tmax = 255 no
-    code is above it: no identity part, and the plain tmax step."""
+    code is above it: no identity part (unless it is needed as a second term), the plain tmax step."""
     s, z = quant.scale, quant.zero_point
     positive = s * 255  # [0, 255·s]: scale s, every value ≥ 0 of the grid
     steps = lut_steps(lut, quant)
     terms = []
-    if lut.tmax < 255:
+    if lut.tmax < 255 or len(steps) == 1:  # (with one step the sum's ADD is what lands y on the grid)
         terms.append(_fq(x - np.float32(s * (lut.tmax + 1 - z)), 0.0, positive))  # max(x − a, 0) above tmax
-        steps = [(t, w) for t, w in steps if t != lut.tmax] + [(lut.tmax, lut.tmax - lut.v2 + 1)]
+        if lut.tmax < 255:
+            steps = [(t, w) for t, w in steps if t != lut.tmax] + [(lut.tmax, lut.tmax - lut.v2 + 1)]
     for t, w in steps:
         if t == z:  # x − 0 is x itself, which already has its range: clamp 2w·x to [0, w·s] instead
             terms.append(_fq(x * np.float32(2 * w), 0.0, s * w))
             continue
         step = _fq(x - np.float32(s * (t - z)), 0.0, s)
         terms.append(_fq(step * np.float32(w), 0.0, s * w) if w != 1 else step)
+    # partial sums on [0, 255·s]; the last one on the layer's grid (a separate fake quant of the
+    # same tensor would be merged away by the converter, leaving y off the grid when z > 0)
     y = terms[0]
-    for term in terms[1:]:
-        y = _fq(y + term, 0.0, positive)
-    return _fq(y, s * (0 - z), s * (255 - z)) if z or len(terms) == 1 else y
+    for i, term in enumerate(terms[1:], start=2):
+        y = _fq(y + term, *((s * (0 - z), s * (255 - z)) if i == len(terms) else (0.0, positive)))
+    return y
 
 
 BRANCH_FREE = {"minmax": _minmax, "saturate": _saturate}

@@ -149,9 +149,12 @@ def test_read_graph_recovers_the_codes_of_each_lut(tmp_path):
         onnx_to_tf.read_graph(proto, "gather")
 
 
-# v2 = tmax (a zero-height step), a fine scale (LESS needs its rescale there), tmax at the top code
+# v2 = tmax (a zero-height step) on a fine scale; t1 = z and tmax at the top code; a zero point > 0;
+# v1 = z and v2 = tmax = 255: a single step
 @pytest.mark.parametrize("lut, aq", [(LayerLUT(3, 6, 10, 14, 14), ActivationQuant(0.003, 0)),
-                                     (LayerLUT(0, 1, 2, 3, 255), ActivationQuant(0.05, 0))])
+                                     (LayerLUT(0, 1, 2, 3, 255), ActivationQuant(0.05, 0)),
+                                     (LayerLUT(5, 9, 20, 31, 60), ActivationQuant(0.02, 3)),
+                                     (LayerLUT(1, 3, 10, 255, 255), ActivationQuant(0.02, 3))])  # one step
 @pytest.mark.parametrize("form", BRANCH_FREE)
 def test_branch_free_forms_are_exact_on_edge_codes(tmp_path, form, lut, aq):
     proto, x = _lut_model(tmp_path, lut, aq)
