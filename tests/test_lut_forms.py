@@ -190,3 +190,13 @@ def test_export_config_rejects_an_unknown_lut_form(tmp_path):
 
     with pytest.raises(ConfigError, match="--lut-form must be one of select, minmax, saturate, got 'gather'"):
         ExportConfig(result_path=tmp_path / "result.json", lut_form="gather")
+
+
+def test_cli_lists_the_lut_forms_and_rejects_others(tmp_path):
+    from click.testing import CliRunner
+
+    from deploy_kit.cli import main
+
+    assert "--lut-form [select|minmax|saturate]" in CliRunner().invoke(main, ["export", "--help"]).output
+    result = CliRunner().invoke(main, ["export", "--config", str(tmp_path / "result.json"), "--lut-form", "gather"])
+    assert result.exit_code == 2 and "gather" in result.output and "saturate" in result.output
