@@ -87,11 +87,22 @@ def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tenso
     return padded[:, :, dy:dy + h, dx:dx + w]
 
 
+# OneCycleLR divides by the length of its warm-up phase minus one: 0.2 × steps must reach 2.
+MIN_ONE_CYCLE_STEPS = 10
+
+
+def _one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int):
+    """One-cycle LR; a run too short for its warm-up (a few batches) keeps the peak LR constant."""
+    if steps < MIN_ONE_CYCLE_STEPS:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+
+
 def _run_epochs(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, epochs: int, lr: float,
                 label: str, gen: torch.Generator) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = max(1, epochs * ((len(train) + cfg.batch_size - 1) // cfg.batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
+    sched = _one_cycle(opt, lr, steps)
     bar = tqdm(range(epochs), desc=label, unit="epoch", leave=False, dynamic_ncols=True)
     for _ in bar:
         model.train()

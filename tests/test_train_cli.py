@@ -143,3 +143,12 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: imagefolder:/nonexistent/x: folder /nonexistent/x does not exist; pass the folder that holds the dataset"]
     assert not out.exists()
+
+
+def test_a_run_shorter_than_the_lr_warmup_trains(tmp_path):
+    """One epoch of 64 images is a single batch: too short for one-cycle's warm-up phase, which
+    used to divide by zero inside torch's scheduler."""
+    result = _train("--model", "lenet5", "--out", str(tmp_path / "run"), "--epochs", "1", "--qat-epochs", "1",
+                    "--max-train", "64")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "run" / WEIGHTS_NAME).is_file()
