@@ -22,6 +22,7 @@ import numpy as np
 from deploy_kit.errors import ConfigError, ExportError
 from deploy_kit.fsutil import atomic_dir, check_writable, write_json
 from deploy_kit.lut import LayerLUT
+from deploy_kit.native_log import native_stderr_silenced
 from deploy_kit.result import SearchResult, check_against_teacher, load_result
 from deploy_kit.teacher import Teacher, load_teacher
 
@@ -104,7 +105,8 @@ def _run_target(target, onnx_path: Path, out_path: Path, options: dict) -> dict:
     except ImportError as exc:
         raise ExportError(f"target {target.name} is not available here ({exc}); choose another --target") from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    return export_fn(onnx_path, out_path, **options)
+    with native_stderr_silenced():
+        return export_fn(onnx_path, out_path, **options)
 
 
 def _export_variant(folder: Path, variant: str, proto, steps: list, options: dict, progress) -> list[dict]:

@@ -20,6 +20,7 @@ import numpy as np
 
 from deploy_kit.errors import ConfigError, ExportError
 from deploy_kit.fsutil import read_json, sha256_file
+from deploy_kit.native_log import native_stderr_silenced
 
 if TYPE_CHECKING:  # deploy_kit.lut imports torch; the ORT/LiteRT runners must not pay for it
     from deploy_kit.lut import ActivationQuant, LayerLUT
@@ -286,7 +287,8 @@ class LiteRTRunner:
         if self._allocated_batch != n:
             if n != self.base_shape[0] or self._allocated_batch is not None:
                 self.interpreter.resize_tensor_input(self.input_index, [n, *self.base_shape[1:]], strict=True)
-            self.interpreter.allocate_tensors()
+            with native_stderr_silenced():  # LiteRT applies XNNPACK here and says so on fd 2
+                self.interpreter.allocate_tensors()
             self._allocated_batch = n
 
     def _invoke(self, x: np.ndarray) -> None:
