@@ -32,7 +32,7 @@ def command(out, arch, data, width, epochs, qat_epochs, episodes, bench_repeats,
 
     Prints a line per stage, then the verify and bench tables and the report's path. Exits 1
     if an export fails verification (everything, the report included, is still written).
-    About 70 s for the defaults on a 2-core machine (lenet5 on digits).
+    About 50 s for the defaults on a 2-core machine (lenet5 on digits).
 
     \b
     Example:
