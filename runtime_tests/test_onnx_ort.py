@@ -134,13 +134,20 @@ def test_deep_depthwise_teacher_matches_onnxruntime_code_for_code(mobilenet):
     assert np.mean(got[last] != _torch_tap_codes(fake_quant, x, teacher.layer_quant)[last]) > 0
 
 
+# PyTorch's own INT8 model (a reference row in verify, never shipped) requantizes with qnnpack's
+# rounding, not the runtimes': measured 99.84–100% equal codes per layer on this fixture, never
+# more than 2 codes apart. The shipped runtimes are held to identity above.
+MIN_PYTORCH_INT8_CODES = 0.995
+
+
 def test_pytorch_int8_matches_the_teacher_on_a_deep_model(mobilenet):
     teacher, x = mobilenet
     int8 = quant.convert_int8(teacher.model, teacher.meta["backend"])
     got = quant.int8_tap_codes(int8, torch.from_numpy(x))
     ref = _torch_tap_codes(teacher.model, x, teacher.layer_quant)
     for name in ref:
-        assert float(np.mean(got[name][0].numpy() == ref[name])) >= MIN_AGREEMENT, name
+        diff = np.abs(got[name][0].numpy().astype(np.int32) - ref[name].astype(np.int32))
+        assert float(np.mean(diff == 0)) >= MIN_PYTORCH_INT8_CODES and int(diff.max()) <= 2, name
 
 
 def _ort_tap_codes(teacher, x) -> tuple[np.ndarray, dict[str, np.ndarray]]:
