@@ -67,6 +67,7 @@ def test_demo_refuses_an_existing_run_without_force(tmp_path):
     (("--episodes", "0"), "need --episodes >= 1"),
     (("--qat-epochs", "0"), "need epochs >= 0 and qat_epochs >= 1"),
     (("--data", "mnist"), "mnist"),
+    (("--lut-form", "gather"), "Invalid value for '--lut-form'"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, args, expected):
     out = tmp_path / "demo"

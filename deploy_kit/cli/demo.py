@@ -8,6 +8,7 @@ import click
 
 from deploy_kit.cli import emit, handle_errors, json_option, say
 from deploy_kit.models import ARCHITECTURES
+from exporters.onnx_to_tf import LUT_FORMS
 
 
 @click.command("demo")
@@ -22,12 +23,14 @@ from deploy_kit.models import ARCHITECTURES
 @click.option("--qat-epochs", default=8, show_default=True, help="Quantization-aware fine-tuning epochs.")
 @click.option("--episodes", default=600, show_default=True,
               help="Search budget (reward evaluations); twice `search`'s default, for a lower-KL configuration.")
+@click.option("--lut-form", default="select", show_default=True, type=click.Choice(LUT_FORMS),
+              help="How the TFLite export lowers each LUT; saturate is the fast one in LiteRT (see `export --help`).")
 @click.option("--bench-repeats", default=100, show_default=True, help="Timed batch-1 runs per artifact.")
 @click.option("--seed", default=0, show_default=True, help="Seeds training, the search and the bench inputs.")
 @click.option("--force", is_flag=True, help="Replace the outputs of a previous run in --out.")
 @json_option
 @handle_errors
-def command(out, arch, data, width, epochs, qat_epochs, episodes, bench_repeats, seed, force, as_json):
+def command(out, arch, data, width, epochs, qat_epochs, episodes, lut_form, bench_repeats, seed, force, as_json):
     """Train → search → export (all targets) → verify → bench → report, into one run folder.
 
     Prints a line per stage, then the verify and bench tables and the report's path. Exits 1
@@ -38,6 +41,7 @@ def command(out, arch, data, width, epochs, qat_epochs, episodes, bench_repeats,
     Example:
       deploykit demo
       deploykit demo --out runs/demo-seed1 --seed 1
+      deploykit demo --out runs/demo-fast --lut-form saturate
       deploykit demo --model nin --width 0.25 --data cifar10:~/data/cifar-10-batches-py --out runs/nin
     """
     from tqdm import tqdm
@@ -47,7 +51,7 @@ def command(out, arch, data, width, epochs, qat_epochs, episodes, bench_repeats,
     from deploy_kit.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, model=arch, data=data, width=width, epochs=epochs, qat_epochs=qat_epochs,
-                     episodes=episodes, bench_repeats=bench_repeats, seed=seed, force=force)
+                     episodes=episodes, lut_form=lut_form, bench_repeats=bench_repeats, seed=seed, force=force)
     bar = None
 
     def on_evaluation(ev):
