@@ -5,7 +5,6 @@ runners predict on the same pixels, and refuse an artifact that is not the expor
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy_kit.data import load_dataset, normalize
+from deploy_kit.data import normalize
 from deploy_kit.runners import load_manifest, make_runner
 from deploy_kit.teacher import load_teacher
 
@@ -23,41 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSIFY = ROOT / "examples" / "python" / "classify.py"
 # classify.py picks these manifest targets for each --runtime (the .ort file is what ORT Mobile ships)
 TARGET_OF = {"litert": "tflite", "ort": "ort"}
-IMAGES = 8
-
-
-def _shared_fixtures():
-    """tests/conftest.py's session teacher and export factory (runtime_tests/ has no conftest of its own)."""
-    name = "_deploykit_tests_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "conftest.py")
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-deploykit_cache = _shared_fixtures().deploykit_cache
-lenet_teacher = _shared_fixtures().lenet_teacher
-export_lenet_run = _shared_fixtures().export_lenet_run
 
 
 @pytest.fixture(scope="module")
 def exports(export_lenet_run) -> Path:
     return export_lenet_run("examples", ("onnx", "ort", "tflite"))
-
-
-@pytest.fixture(scope="module")
-def digit_pngs(tmp_path_factory) -> tuple[list[Path], np.ndarray]:
-    """The first IMAGES digits test images, as grayscale PNG files and as the uint8 array they hold."""
-    from PIL import Image
-
-    pixels = load_dataset("digits").split("test").images[:IMAGES]
-    folder = tmp_path_factory.mktemp("digit_pngs")
-    paths = []
-    for i, image in enumerate(pixels):
-        paths.append(folder / f"digit_{i}.png")
-        Image.fromarray(image[..., 0], mode="L").save(paths[-1])
-    return paths, pixels
 
 
 def _classify(exports: Path, images: list[Path], *args: str) -> subprocess.CompletedProcess:

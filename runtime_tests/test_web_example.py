@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import functools
 import http.server
-import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -26,6 +24,8 @@ import pytest
 from deploy_kit.runners import load_manifest, make_runner
 from deploy_kit.teacher import load_teacher
 
+from conftest import CHROMIUM_FLAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "examples" / "web"
 ORT_WEB = WEB / "node_modules" / "onnxruntime-web" / "dist"
@@ -34,22 +34,6 @@ REPORT_PATH = "/__report"
 pytestmark = pytest.mark.skipif(
     not all((ORT_WEB / f).is_file() for f in ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.wasm")),
     reason="examples/web/node_modules is absent: run `npm ci --prefix examples/web` (needs npm and the npm registry)")
-
-
-def _load(path: Path, name: str):
-    """A sibling test module (by path: neither tests/ nor runtime_tests/ is a package)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-_examples = _load(ROOT / "runtime_tests" / "test_examples.py", "_deploykit_test_examples")
-_report = _load(ROOT / "tests" / "test_report.py", "_deploykit_test_report")
-deploykit_cache, lenet_teacher = _examples.deploykit_cache, _examples.lenet_teacher
-export_lenet_run, digit_pngs = _examples.export_lenet_run, _examples.digit_pngs
-CHROMIUM_FLAGS = [*_report.CHROMIUM_FLAGS, "--disable-quic"]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +66,7 @@ class _Site(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def run_page(exports: Path, images: list[Path], profile: Path, target: str = "onnx") -> dict:
+def run_page(chromium: str, exports: Path, images: list[Path], profile: Path, target: str = "onnx") -> dict:
     """Serve the page, open it in headless Chromium with `?batch=`, return what the page posts."""
     posted, done = {}, threading.Event()
     mounts = {"/exports/": exports, "/images/": images[0].parent}
@@ -91,7 +75,7 @@ def run_page(exports: Path, images: list[Path], profile: Path, target: str = "on
     threading.Thread(target=server.serve_forever, daemon=True).start()
     batch = ",".join(f"images/{p.name}" for p in images)
     url = f"http://127.0.0.1:{server.server_address[1]}/index.html?target={target}&report={REPORT_PATH}&batch={batch}"
-    browser = subprocess.Popen([_report._chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", url],
+    browser = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", url],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         assert done.wait(120), "the page posted no result within 120 s"
@@ -104,9 +88,9 @@ def run_page(exports: Path, images: list[Path], profile: Path, target: str = "on
 
 
 @pytest.mark.parametrize("target", ["onnx", "ort"])
-def test_page_agrees_with_onnxruntime_python(exports, digit_pngs, tmp_path, target):
+def test_page_agrees_with_onnxruntime_python(exports, digit_pngs, chromium, tmp_path, target):
     paths, pixels = digit_pngs
-    page = run_page(exports, paths, tmp_path / "profile", target)
+    page = run_page(chromium, exports, paths, tmp_path / "profile", target)
     assert "error" not in page, page.get("error")
 
     manifest = load_manifest(exports)
@@ -123,11 +107,11 @@ def test_page_agrees_with_onnxruntime_python(exports, digit_pngs, tmp_path, targ
     np.testing.assert_allclose(web, logits, atol=1e-4)
 
 
-def test_page_refuses_a_tampered_model(exports, digit_pngs, tmp_path):
+def test_page_refuses_a_tampered_model(exports, digit_pngs, chromium, tmp_path):
     copy = shutil.copytree(exports, tmp_path / "exports")
     model = copy / "model.onnx"
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
-    page = run_page(copy, digit_pngs[0][:1], tmp_path / "profile")
+    page = run_page(chromium, copy, digit_pngs[0][:1], tmp_path / "profile")
     assert "sha256 mismatch" in page["error"] and "model.onnx" in page["error"]

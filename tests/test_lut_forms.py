@@ -7,7 +7,6 @@ and be recorded in manifest.json and the TFLite metadata. A wrong constant must 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,26 +27,17 @@ FORMS = [pytest.param(f, marks=pytest.mark.slow) if f == "minmax" else f for f i
 
 
 @pytest.fixture(scope="module")
-def lenet_lut_run(lenet_teacher, tmp_path_factory):
+def lenet_lut_run(export_lenet_run):
     """Factory: the session LeNet5 teacher with LUT_CODES at every layer (conftest), exported to
     ONNX + TFLite with one lut_form; returns (exports folder, teacher)."""
-    from deploy_kit.export import ExportConfig, export
-    from deploy_kit.fsutil import write_json
     from deploy_kit.teacher import load_teacher
-    from conftest import LUT_CODES
 
     made = {}
 
     def make(form: str):
         if form not in made:
-            run = tmp_path_factory.mktemp(f"lut_form_{form}")
-            for f in lenet_teacher.iterdir():
-                shutil.copy(f, run / f.name)
-            teacher = load_teacher(run)
-            write_json(run / "result.json", {"model": teacher.arch, "teacher": {"path": ".", "sha256": teacher.sha256},
-                                             "layers": {n: dict(LUT_CODES) for n in teacher.layer_quant}})
-            export(ExportConfig(result_path=run / "result.json", targets=("tflite",), lut_form=form))
-            made[form] = (run / "exports", teacher)
+            exports = export_lenet_run(f"lut_form_{form}", ("tflite",), lut_form=form)
+            made[form] = (exports, load_teacher(exports.parent))
         return made[form]
 
     return make

@@ -20,10 +20,6 @@ from deploy_kit.search import SearchConfig, run_search
 from deploy_kit.search.reward import RewardConfig
 from deploy_kit.teacher import SIDECAR_NAME, WEIGHTS_NAME
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
 def _copy_teacher(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True)
     for name in (SIDECAR_NAME, WEIGHTS_NAME):
@@ -45,18 +41,6 @@ def searched_run(lenet_teacher, tmp_path_factory) -> Path:
     _search(run, "greedy", run / "result.json", layers=("conv1", "conv2", "fc1"))
     _search(run, "random", run / "baselines" / "random" / "result.json", layers=("conv1", "conv2", "fc1"))
     return run
-
-
-def _chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        apt = shutil.which("apt-get")
-        if apt:
-            subprocess.run([apt, "install", "-y", "chromium"], capture_output=True, timeout=600)
-        path = shutil.which("chromium")
-    if path is None:
-        pytest.skip("chromium is not installed and `apt-get install -y chromium` was not possible")
-    return path
 
 
 def _layer_figures(page: str) -> int:
@@ -87,10 +71,11 @@ def test_report_has_one_figure_per_layer_and_notes_for_missing_stages(searched_r
     assert "deploykit verify --exports" in page and "deploykit bench --exports" in page
 
 
-def test_report_renders_in_headless_chromium(report, tmp_path):
+def test_report_renders_in_headless_chromium(report, chromium, tmp_path):
     from PIL import Image
 
-    chromium = _chromium()
+    from conftest import CHROMIUM_FLAGS
+
     url = report[1].resolve().as_uri()
     shot = tmp_path / "shot.png"
     common = CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2000"]
