@@ -167,28 +167,30 @@ def requant_scale(input_scale: float, weight_scale: torch.Tensor, output_scale: 
     return (torch.tensor(np.float32(input_scale)) * weight_scale.float()) / torch.tensor(np.float32(output_scale))
 
 
-class ConvReLU2d(_RuntimeArithmetic, nniqat.ConvReLU2d):
-    relu = True
-
+class _ConvArithmetic(_RuntimeArithmetic):
     def _linear_op(self, x, w):
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
 
 
-class Conv2d(_RuntimeArithmetic, nnqat.Conv2d):
+class _LinearArithmetic(_RuntimeArithmetic):
     def _linear_op(self, x, w):
-        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+        return F.linear(x, w)
 
 
-class LinearReLU(_RuntimeArithmetic, nniqat.LinearReLU):
+class ConvReLU2d(_ConvArithmetic, nniqat.ConvReLU2d):
     relu = True
 
-    def _linear_op(self, x, w):
-        return F.linear(x, w)
+
+class Conv2d(_ConvArithmetic, nnqat.Conv2d):
+    pass
 
 
-class Linear(_RuntimeArithmetic, nnqat.Linear):
-    def _linear_op(self, x, w):
-        return F.linear(x, w)
+class LinearReLU(_LinearArithmetic, nniqat.LinearReLU):
+    relu = True
+
+
+class Linear(_LinearArithmetic, nnqat.Linear):
+    pass
 
 
 class GridAveragePool(nn.AdaptiveAvgPool2d):

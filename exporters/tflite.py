@@ -94,8 +94,6 @@ def check_full_integer(path_or_bytes, lut_layers: int, io: str = "int8", lut_for
     if stray:
         raise ExportError(f"TFLite model is not full-integer: {len(stray)} float tensor(s), e.g. {stray[:3]}; "
                           "an op was left in float (check the ops the converter kept)")
-    if lut_form not in LUT_FORMS:
-        raise ExportError(f"lut_form must be one of {', '.join(LUT_FORMS)}, got {lut_form!r}")
     for op, per_layer in OPS_PER_LUT.items():
         found = info["ops"].get(op, 0)
         if lut_form == "select" and found != per_layer * lut_layers:
