@@ -181,8 +181,17 @@ def judge(row: Row, cfg: VerifyConfig) -> None:
 
 # ----------------------------------------------------------------------------- localize
 
+def max_pool_codes(codes: np.ndarray, window: dict) -> np.ndarray:
+    """An NCHW code tensor through a MaxPool window ({kernel_shape, strides, pads}; pads never win)."""
+    (kh, kw), (sh, sw) = window["kernel_shape"], window["strides"]
+    top, left, bottom, right = window["pads"]
+    padded = np.pad(codes, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=np.iinfo(np.int64).min)
+    views = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(2, 3))
+    return views[:, :, ::sh, ::sw].max(axis=(-2, -1))
+
+
 def localize(student, runner, x: np.ndarray, disagree: np.ndarray, luts: dict[str, LayerLUT],
-             layer_quant: dict[str, ActivationQuant]) -> dict:
+             layer_quant: dict[str, ActivationQuant], pools: dict[str, dict] | None = None) -> dict:
     """Compare codes at every approximated layer between the student and `runner`.
 
     Two measures per layer: how the runtime's codes differ from the student's (drift builds up
@@ -190,6 +199,8 @@ def localize(student, runner, x: np.ndarray, disagree: np.ndarray, luts: dict[st
     LUT maps *its own* input codes by the table (exact for a correct export, whatever came
     before). The first layer that breaks its table — or, when the table cannot be read, the
     first whose codes differ from the student's in more than 1% of places — is named.
+    `pools`: layers whose LUT the export runs after its MaxPool (exact: the LUT is monotone);
+    the student's codes go through the same window before they are compared.
     """
     pick = np.concatenate([np.flatnonzero(disagree), np.flatnonzero(~disagree)])[:LOCALIZE_IMAGES]
     layers = list(luts)
@@ -204,6 +215,8 @@ def localize(student, runner, x: np.ndarray, disagree: np.ndarray, luts: dict[st
             report[name] = {"found": False}
             continue
         a, b = mine[name].after, theirs[name].after
+        if name in (pools or {}):
+            a = max_pool_codes(a, pools[name])
         if a.shape != b.shape:
             report[name] = {"found": True, "note": f"shape {b.shape} differs from the student's {a.shape}"}
             continue
@@ -265,7 +278,7 @@ def export_row(art: rn.Artifact, runtime: str, cfg: VerifyConfig, x: np.ndarray,
     judge(row, cfg)
     if cfg.localize and art.variant == "lut":
         disagree = logits.argmax(1) != refs.student.argmax(1)
-        row.localize = localize(student, runner, x, disagree, luts, layer_quant)
+        row.localize = localize(student, runner, x, disagree, luts, layer_quant, art.entry.get("lut_pools"))
         # A LUT that misreads its own input codes is a broken export even when too few images
         # flip for the thresholds to notice: with the codes at hand, that is a failure too.
         table_broken = any(e.get("table_mismatch", 0) > 0 for e in row.localize["layers"].values())

@@ -19,7 +19,9 @@ Conventions, fixed once:
   z−128 and TFLite's int8 codes are the teacher's codes (DESIGN.md §5).
 - LUTs. Each layer's Less/Where chain is recognised once (`Graph.luts`: its codes and grid).
   `lut_form="select"` translates it op for op (LESS + SELECT_V2); the branch-free forms replace
-  it by one `LUT` node lowered to clamps (`LUT_FORMS`, docs/RUNTIMES.md has the measurements).
+  it by one `LUT` node lowered to clamps (`LUT_FORMS`, docs/RUNTIMES.md has the measurements),
+  and a branch-free LUT followed by a MaxPool runs after the pool instead (`_pool_before_lut`:
+  exact, since the LUT is monotone; `lut_pools` says which layers moved).
 """
 
 from __future__ import annotations
@@ -137,6 +139,7 @@ def read_graph(proto: onnx.ModelProto, lut_form: str = "select") -> Graph:
     luts = find_luts(nodes, constants)
     if lut_form != "select":
         nodes = _lower_luts(nodes, luts, lut_form)
+        nodes = _pool_before_lut(nodes)
     nodes = _rescale_fine_comparisons(nodes, constants)
     return Graph(nodes, constants, inputs[0].name, _static_shape(inputs[0]), [o.name for o in g.output],
                  {layer: (spec.lut, spec.quant) for layer, spec in luts.items()})
@@ -252,6 +255,56 @@ def _lower_luts(nodes: list[Node], luts: dict[str, LutChain], form: str) -> list
         elif n.name not in dropped:
             out.append(n)
     return out
+
+
+POOLED = "/pooled"  # suffix of the tensors a pooled-first LUT adds (not in the ONNX graph)
+POOL_KEYS = ("kernel_shape", "strides", "pads")
+
+
+def _pool_before_lut(nodes: list[Node]) -> list[Node]:
+    """LUT → FakeQuant → MaxPool → FakeQuant becomes MaxPool → FakeQuant → LUT → FakeQuant.
+
+    Why: the LUT is monotone non-decreasing, so LUT(max(a, b)) = max(LUT(a), LUT(b)) — pooling
+    first gives the same codes (DESIGN §2) and runs the LUT's elementwise ops on a quarter of
+    the values after a 2×2 pool, where most of its cost is. Only where the three fake quants share
+    one grid and each tensor in between has one consumer; the last fake quant keeps its ONNX
+    output name, so the float check still compares the pair's result with onnxruntime."""
+    consumers: dict[str, list[Node]] = {}
+    for n in nodes:
+        for i in n.inputs:
+            consumers.setdefault(i, []).append(n)
+    producer = {o: n for n in nodes for o in n.outputs}
+
+    def sole(name: str, op: str) -> Node | None:
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op == op else None
+
+    def grid(n: Node) -> tuple:
+        return tuple(n.attrs[k] for k in ("scale", "zero_point", "qmin", "qmax"))
+
+    moved: dict[int, list[Node]] = {}  # id(node) → what replaces it (FakeQuant names repeat)
+    for lut in (n for n in nodes if n.op == LUT_NODE):
+        src = producer.get(lut.inputs[0])
+        post = sole(lut.outputs[0], FAKE_QUANT)
+        pool = post and sole(post.outputs[0], "MaxPool")
+        requant = pool and sole(pool.outputs[0], FAKE_QUANT)
+        if not (requant and src.op == FAKE_QUANT and grid(src) == grid(post) == grid(requant)):
+            continue
+        pooled, on_grid, out = (t + POOLED for t in (pool.outputs[0], requant.outputs[0], lut.outputs[0]))
+        window = {k: list(pool.attrs.get(k, [1, 1] if k == "strides" else [0] * 4)) for k in POOL_KEYS}
+        moved[id(lut)] = [
+            Node("MaxPool", pool.name, (lut.inputs[0],), (pooled,), pool.attrs),
+            Node(FAKE_QUANT, requant.name + POOLED, (pooled,), (on_grid,), requant.attrs),
+            Node(LUT_NODE, lut.name, (on_grid,), (out,), {**lut.attrs, "pool": window}),
+            Node(FAKE_QUANT, post.name, (out,), requant.outputs, post.attrs),
+        ]
+        moved.update({id(n): [] for n in (post, pool, requant)})
+    return [m for n in nodes for m in moved.get(id(n), [n])]
+
+
+def lut_pools(graph: Graph) -> dict[str, dict]:
+    """{layer: its MaxPool window} for every LUT the translator moved behind its pool."""
+    return {n.name.split(LUT_SCOPE)[0]: n.attrs["pool"] for n in graph.nodes if n.op == LUT_NODE and "pool" in n.attrs}
 
 
 def lut_steps(lut: LayerLUT, quant: ActivationQuant) -> list[tuple[int, int]]:
@@ -523,33 +576,109 @@ def _minmax(x, lut: LayerLUT, quant: ActivationQuant):
     return y
 
 
+# `saturate`: the staircase as a sum of a few terms, each one or two int8 ops XNNPACK takes, and
+# each exact because it ends in a clamp that int8 saturation does for free. On codes q (grid s, z):
+#   step(t, h)       h·[q > t]: SUB x − s·(t−z) into a tensor spanning [0, s], then MUL by h
+#                    (one code of x already fills the tensor, so the step is sharp).
+#   pair(a, b, M, T) M·[a < q <= b] + T·[q > b], for T <= 2M: SUB x − c into a tensor of scale
+#                    (b−a)·s whose bottom code is 0 — codes count the thresholds passed, one per
+#                    b−a codes of x, starting at a — then MUL by M saturating at T (two thresholds
+#                    crossed, 2M, clamps to T). Two jumps for the price of one.
+#   ramp(t)          max(q − t − 1, 0): SUB x − s·(t+1−z) into [0, 255·s]; the identity above tmax.
+#   jump_ramp(t, h)  −h for q <= t, q − t − 1 above: SUB into a tensor whose bottom code is
+#                    x = s·(t−z), then LEAKY_RELU with alpha h (h <= 128, XNNPACK's ratio limit).
+#                    Its −h below t is added back to the first jump; what that leaves below t1
+#                    is negative, and the final sum's own clamp at code 0 takes it to 0 — so
+#                    only where the zero point is 0.
+# Every op's input/output scale ratio stays within XNNPACK's int8 limits (ADD/SUB below 256).
+SATURATE_OPS = {"step": 2, "pair": 2, "ramp": 1, "jump_ramp": 2}
+LEAKY_RELU_MAX_ALPHA = 128
+
+
+def _jumps(lut: LayerLUT, quant: ActivationQuant) -> tuple[list[tuple[int, int]], bool]:
+    """The staircase as jumps (t, h): LUT(q) = z + Σ h·[q > t], plus the identity above tmax
+    (the jump at tmax lands on tmax+1). Returns (jumps, whether an identity part exists)."""
+    identity = lut.tmax < 255
+    jumps = [(t, w) for t, w in lut_steps(lut, quant) if t != lut.tmax]
+    if identity:
+        jumps.append((lut.tmax, lut.tmax + 1 - lut.v2))
+    return jumps, identity
+
+
+def _pairings(jumps: list[tuple[int, int]]) -> list[list[tuple]]:
+    """Every way to cover consecutive jumps with single steps and pairs (a pair needs T <= 2M)."""
+    if not jumps:
+        return [[]]
+    (t, h), rest = jumps[0], jumps[1:]
+    ways = [[("step", t, h), *tail] for tail in _pairings(rest)]
+    if rest and rest[0][1] <= h:
+        ways += [[("pair", t, rest[0][0], h, h + rest[0][1]), *tail] for tail in _pairings(rest[1:])]
+    return ways
+
+
+def saturate_ops(plan: list[tuple], zero_point: int) -> int:
+    """TFLite ops of a plan: each term's (a step of height 1, or at the zero point, is one op),
+    plus the ADDs that sum them."""
+    def ops(kind: str, *args) -> int:
+        return 1 if kind == "step" and (args[1] == 1 or args[0] == zero_point) else SATURATE_OPS[kind]
+    return sum(ops(*term) for term in plan) + len(plan) - 1
+
+
+def saturate_plan(lut: LayerLUT, quant: ActivationQuant) -> list[tuple]:
+    """The cheapest exact sum of terms for one LUT (see above), as (kind, *args) tuples."""
+    jumps, identity = _jumps(lut, quant)
+    plans = []
+    if identity:
+        plans += [[*p, ("ramp", lut.tmax)] for p in _pairings(jumps)]
+        (t, h), first = jumps[-1], jumps[:-1]
+        if quant.zero_point == 0 and h <= LEAKY_RELU_MAX_ALPHA and first:
+            first = [(first[0][0], first[0][1] + h), *first[1:]]
+            plans += [[*p, ("jump_ramp", t, h)] for p in _pairings(first)]
+    else:
+        plans += [[*p, ("ramp", lut.tmax)] if len(p) == 1 else p for p in _pairings(jumps)]  # (*)
+    return min(plans, key=lambda plan: saturate_ops(plan, quant.zero_point))
+# (*) one term alone would end on its own range: an empty ramp's ADD is what lands y on the grid
+
+
+def _sat_step(x, s: float, z: int, t: int, h: int):
+    if t == z:  # x − 0 is x itself, which already has its range: clamp 2h·x to [0, h·s] instead
+        return _fq(x * np.float32(2 * h), 0.0, s * h)
+    step = _fq(x - np.float32(s * (t - z)), 0.0, s)
+    return _fq(step * np.float32(h), 0.0, s * h) if h != 1 else step
+
+
+def _sat_pair(x, s: float, z: int, a: int, b: int, m: int, top: int):
+    d = b - a
+    # code 0 (value 0) for q <= a, 1 for a < q <= b, 2 for b < q <= b+d, …: the half codes of x
+    # at a+½ and b+½ land on the half codes of the counter, so no input sits near a tie.
+    # The offset, a multiple of s/2, gets that grid: the converter would give the scalar its own
+    # scale |c|/255, and XNNPACK refuses a SUB whose input/output scale ratio is below 1/1024.
+    c = s * (a + 0.5 - z - 0.5 * d)
+    offset = _fq(_tf().constant(np.float32(c)), *((0.0, 127.5 * s) if c >= 0 else (-127.5 * s, 0.0)))
+    count = _fq(x - offset, 0.0, 255 * d * s)
+    return _fq(count * np.float32(m / d), s * (top - 255), s * top)
+
+
+def _sat_ramp(x, s: float, z: int, t: int):
+    return _fq(x - np.float32(s * (t + 1 - z)), 0.0, s * 255)
+
+
+def _sat_jump_ramp(x, s: float, z: int, t: int, h: int):
+    shifted = _fq(x - np.float32(s * (t + 1 - z)), -s, 254 * s)  # every q <= t at the bottom code, −s
+    return _fq(_tf().nn.leaky_relu(shifted, alpha=float(h)), -h * s, (255 - h) * s)
+
+
+SATURATE_TERMS = {"step": _sat_step, "pair": _sat_pair, "ramp": _sat_ramp, "jump_ramp": _sat_jump_ramp}
+
+
 def _saturate(x, lut: LayerLUT, quant: ActivationQuant):
-    """Clamps by saturation: a tensor spanning [0, s] holds x − s·(t−z) as 0 below t and s above.
-    Each op's input/output scale ratio stays below 256 (255 at most), XNNPACK's limit for
-    delegating an int8 ADD/SUB — a wider ratio (one MUL by Σw before the clamps) ran in the
-    builtin kernels at 23× the ReLU's cost. The identity part starts one code above tmax and
-    the tmax step is one code higher: `x − s·(tmax−z)` twice with two ranges would be merged
-    by the converter into one tensor it cannot quantize (it stayed float). With tmax = 255 no
-    code is above it: no identity part (unless it is needed as a second term), the plain tmax step."""
+    """`saturate_plan`'s terms, summed: partial sums of the non-negative terms on [0, 255·s]
+    (their total is at most tmax+1−z codes), the identity term last, onto the layer's grid."""
     s, z = quant.scale, quant.zero_point
-    positive = s * 255  # [0, 255·s]: scale s, every value ≥ 0 of the grid
-    steps = lut_steps(lut, quant)
-    terms = []
-    if lut.tmax < 255 or len(steps) == 1:  # (with one step the sum's ADD is what lands y on the grid)
-        terms.append(_fq(x - np.float32(s * (lut.tmax + 1 - z)), 0.0, positive))  # max(x − a, 0) above tmax
-        if lut.tmax < 255:
-            steps = [(t, w) for t, w in steps if t != lut.tmax] + [(lut.tmax, lut.tmax - lut.v2 + 1)]
-    for t, w in steps:
-        if t == z:  # x − 0 is x itself, which already has its range: clamp 2w·x to [0, w·s] instead
-            terms.append(_fq(x * np.float32(2 * w), 0.0, s * w))
-            continue
-        step = _fq(x - np.float32(s * (t - z)), 0.0, s)
-        terms.append(_fq(step * np.float32(w), 0.0, s * w) if w != 1 else step)
-    # partial sums on [0, 255·s]; the last one on the layer's grid (a separate fake quant of the
-    # same tensor would be merged away by the converter, leaving y off the grid when z > 0)
+    terms = [SATURATE_TERMS[kind](x, s, z, *args) for kind, *args in saturate_plan(lut, quant)]
     y = terms[0]
     for i, term in enumerate(terms[1:], start=2):
-        y = _fq(y + term, *((s * (0 - z), s * (255 - z)) if i == len(terms) else (0.0, positive)))
+        y = _fq(y + term, *((s * (0 - z), s * (255 - z)) if i == len(terms) else (0.0, s * 255)))
     return y
 
 

@@ -35,10 +35,10 @@ METADATA_NAME = "deploykit"  # the TFLite metadata entry holding the manifest me
 OPS_PER_LUT = {"LESS": 3, "SELECT_V2": 3}  # lut_form="select"
 LUT_FORMS = onnx_to_tf.LUT_FORMS
 # The ops one layer's LUT may consist of, per branch-free form (checked on the chain cut out of
-# the file). `saturate` is ADD/SUB/MUL only: the int8 ops XNNPACK delegates.
+# the file). `saturate` holds only int8 ops XNNPACK delegates (ADD/SUB/MUL, LEAKY_RELU).
 LUT_OPS = {"select": {"LESS", "SELECT_V2", "MUL"},  # MUL: the rescaled LESS input (LESS_MIN_SCALE)
            "minmax": {"MAXIMUM", "MINIMUM", "RELU", "SUB", "MUL", "ADD"},  # max(x, 0) becomes RELU
-           "saturate": {"SUB", "MUL", "ADD"}}
+           "saturate": {"SUB", "MUL", "ADD", "LEAKY_RELU"}}
 # Tensors that may be float in a full-integer model: none, except the I/O edges when io="float".
 _FLOAT_TYPES = {"FLOAT32", "FLOAT16", "FLOAT64"}
 
@@ -282,12 +282,14 @@ def export_tflite(onnx_path: Path, out_path: Path, *, io: str = "int8", calibrat
     info = check_full_integer(tflite, lut_layers, io, lut_form)
     check_lut_grid(tflite, {n: layer_quant[n] for n in graph.luts if layer_quant and n in layer_quant})
     lut_ops = check_lut_codes(tflite, graph.luts, lut_form)
-    tflite = finalize(tflite, {**_onnx_metadata(proto), "lut_form": lut_form}, [graph.input_name], graph.output_names)
+    pools = onnx_to_tf.lut_pools(graph)
+    tflite = finalize(tflite, {**_onnx_metadata(proto), "lut_form": lut_form, "lut_pools": pools},
+                      [graph.input_name], graph.output_names)
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(tflite)
     return {**io_details(out_path), "ops": info["ops"], "lut_layers": lut_layers, "lut_form": lut_form,
-            "lut_ops": lut_ops,
+            "lut_ops": lut_ops, "lut_pools": pools,
             "weights": weight_report(proto, tflite),
             "float_check": {**float_check, "seconds": round(t1 - t0, 2)},
             "convert_seconds": round(time.perf_counter() - t1, 2)}
@@ -326,7 +328,8 @@ def lut_tensors(interpreter, layer: str) -> tuple[int, int]:
             y = next((op["outputs"][0] for op in ops if op["op_name"] == "SELECT_V2" and op["inputs"][2] == y), y)
         return first["inputs"][2], y
     for form in LUT_FORMS[1:]:
-        chain = [op for op in ops if any(f"{key}{form}/" in names.get(i, "") for i in op["outputs"])]
+        chain = [op for op in ops if op["op_name"] in LUT_OPS[form]  # a fused name may reach past the chain
+                 and any(f"{key}{form}/" in names.get(i, "") for i in op["outputs"])]
         if chain:
             return _branch_free_ends(ops, chain, form, interpreter)
     raise ExportError(f"no LUT of layer {layer} (SELECT_V2 or {'/'.join(LUT_FORMS[1:])} ops writing tensors "
