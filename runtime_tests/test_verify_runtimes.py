@@ -72,9 +72,11 @@ def test_layer_codes_are_readable_and_follow_the_table(run, target):
 
 
 @pytest.mark.skipif("tflite" not in AVAILABLE, reason="the tflite target needs TensorFlow")
-def test_broken_tflite_fails_and_localize_names_the_layer(run, tmp_path):
+@pytest.mark.parametrize("lut_form", ["select", "saturate"])
+def test_broken_tflite_fails_and_localize_names_the_layer(run, tmp_path, lut_form):
     """Shift conv2's tmax threshold in model.onnx and convert that graph to TFLite: the INT8
-    file carries the broken LUT, verify must fail it and --localize must name conv2."""
+    file carries the broken LUT, verify must fail it and --localize must name conv2 — also when
+    the LUT runs after conv2's MaxPool (saturate)."""
     root = tmp_path / "run"
     shutil.copytree(run["root"], root)
     exports, layer = root / "exports", "conv2"
@@ -87,11 +89,12 @@ def test_broken_tflite_fails_and_localize_names_the_layer(run, tmp_path):
     onnx.save(proto, str(broken_onnx))
     teacher = run["teacher"]
     calibration, _ = calibration_set(teacher, 32, teacher.meta["seed"])
-    TARGETS["tflite"].exporter()(broken_onnx, exports / "model_int8.tflite", io="int8", calibration=calibration,
-                                 layer_quant=teacher.layer_quant)
+    details = TARGETS["tflite"].exporter()(broken_onnx, exports / "model_int8.tflite", io="int8",
+                                           calibration=calibration, layer_quant=teacher.layer_quant, lut_form=lut_form)
+    assert (layer in details["lut_pools"]) == (lut_form == "saturate")
     for a in manifest["artifacts"]:
         if a["path"] == "model_int8.tflite":
-            a["sha256"] = sha256_file(exports / a["path"])
+            a.update(sha256=sha256_file(exports / a["path"]), lut_form=lut_form, lut_pools=details["lut_pools"])
     write_json(exports / "manifest.json", manifest)
 
     report = verify_exports(VerifyConfig(exports=exports, localize=True), progress=False)

@@ -116,6 +116,90 @@ def test_each_form_passes_verify_with_localize(lenet_lut_run, form):
     row = next(r for r in report.rows if r.checked and r.artifact == TARGETS["tflite"].path("lut"))
     assert row.agreement_student >= 99.0
     assert row.localize["layers"] and all(e["table_mismatch"] == 0 for e in row.localize["layers"].values())
+    # the student's codes (pooled like the export's where its LUT runs after the MaxPool) are the export's
+    assert all(e["share_differing"] == 0 for e in row.localize["layers"].values())
+
+
+def test_branch_free_luts_run_after_their_max_pool(lenet_lut_run):
+    """conv1 and conv2 feed a 2×2 MaxPool: their saturate LUTs run on the pooled tensor (a quarter
+    of the values), recorded in the manifest and the file; fc1/fc2 have no pool and stay put."""
+    import json
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    exports, teacher = lenet_lut_run("saturate")
+    path = exports / TARGETS["tflite"].path("lut")
+    window = {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 0, 0]}
+    entry = next(a for a in json.loads((exports / "manifest.json").read_text())["artifacts"]
+                 if a["target"] == "tflite" and a["variant"] == "lut")
+    assert entry["lut_pools"] == {"conv1": window, "conv2": window}
+    assert tflite.read_metadata(path)["lut_pools"] == entry["lut_pools"]
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    ops = [op for op in interpreter._get_ops_details() if op["op_name"] != "DELEGATE"]
+    producer = {o: i for i, op in enumerate(ops) for o in op["outputs"]}
+    for layer in ("conv1", "conv2"):
+        x, _ = tflite.lut_tensors(interpreter, layer)
+        assert ops[producer[x]]["op_name"] == "MAX_POOL_2D", layer
+    for layer in ("fc1", "fc2"):
+        x, _ = tflite.lut_tensors(interpreter, layer)
+        assert ops[producer[x]]["op_name"] == "FULLY_CONNECTED", layer
+    # select keeps the ONNX graph op for op: its LUTs stay before the pool
+    select_exports, _ = lenet_lut_run("select")
+    assert next(a for a in json.loads((select_exports / "manifest.json").read_text())["artifacts"]
+                if a["target"] == "tflite" and a["variant"] == "lut")["lut_pools"] == {}
+
+
+def test_max_pool_codes_matches_torch_with_and_without_pads():
+    import torch
+
+    from deploy_kit.verify import max_pool_codes
+
+    codes = np.random.default_rng(0).integers(0, 256, (2, 3, 9, 9))
+    for window in ({"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 0, 0]},
+                   {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}):
+        want = torch.nn.functional.max_pool2d(torch.from_numpy(codes).double(), window["kernel_shape"],
+                                              window["strides"], window["pads"][0]).long().numpy()
+        np.testing.assert_array_equal(max_pool_codes(codes, window), want)
+
+
+# (codes, zero point) → the terms saturate_plan picks and their op count (docs/RUNTIMES.md)
+PLANS = [
+    ((10, 37, 62, 96, 127), 0, ["pair", "jump_ramp"], 5),       # h = 37, 59, 32: pair(37+32 ≥ 59), jump at tmax
+    ((9, 30, 61, 119, 144), 0, ["step", "pair", "ramp"], 7),    # h = 30, 89, 26: 89 > 56, so t2 pairs with tmax
+    ((5, 9, 20, 31, 60), 3, ["step", "step", "step", "ramp"], 10),  # z > 0, every jump taller than the one before
+    ((3, 6, 10, 14, 14), 0, ["step", "pair", "ramp"], 7),       # v2 = tmax: the tmax jump is one code
+    ((1, 3, 10, 255, 255), 3, ["step", "ramp"], 4),             # one jump; the empty ramp lands y on the grid
+    ((0, 1, 2, 3, 255), 0, ["step", "step"], 4),                # no identity part; a step at the zero point is one op
+    ((2, 130, 131, 132, 133), 0, ["pair", "jump_ramp"], 5),
+]
+
+
+@pytest.mark.parametrize("codes, z, kinds, ops", PLANS)
+def test_saturate_plan_picks_the_cheapest_terms(codes, z, kinds, ops):
+    plan = onnx_to_tf.saturate_plan(LayerLUT(*codes), ActivationQuant(0.02, z))
+    assert [term[0] for term in plan] == kinds
+    assert onnx_to_tf.saturate_ops(plan, z) == ops
+
+
+@pytest.mark.parametrize("codes, z, kinds, ops", PLANS)
+def test_saturate_plans_are_exact_and_whole_in_xnnpack(tmp_path, codes, z, kinds, ops):
+    """Each plan in a real file: all 256 codes by the table (export_tflite checks, XNNPACK and
+    builtin), the chain holds exactly the planned ops, and XNNPACK runs all of it."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    lut, aq = LayerLUT(*codes), ActivationQuant(0.0213, z)
+    proto, x = _lut_model(tmp_path, lut, aq)
+    onnx.save(proto, str(tmp_path / "lut.onnx"))
+    details = tflite.export_tflite(tmp_path / "lut.onnx", tmp_path / "lut.tflite", calibration=x,
+                                   layer_quant={"layer": aq}, lut_form="saturate")
+    assert sum(details["lut_ops"]["layer"].values()) == ops
+    data = (tmp_path / "lut.tflite").read_bytes()
+    model, _ = tflite.lut_submodel(data, *tflite.lut_tensors(Interpreter(model_content=data), "layer"))
+    sub = Interpreter(model_content=model)
+    sub.allocate_tensors()
+    delegates = [op for op in sub._get_ops_details() if op["op_name"] == "DELEGATE"]
+    assert len(delegates) == 1 and sub.get_output_details()[0]["index"] in delegates[0]["outputs"]
 
 
 # ----------------------------------------------------------------------------- small models
