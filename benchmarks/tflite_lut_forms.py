@@ -15,8 +15,9 @@ exporters.tflite.lut_submodel) — where the extra time goes.
           a = s·(t − z), so LUT(x) = (v1−z)·step(t1) + (v2−v1)·step(t2) + (tmax−v2)·step(tmax)
           + max(x, a_tmax) − a_tmax — MINIMUM/MAXIMUM/SUB/MUL/ADD (XNNPACK takes no int8
           MINIMUM/MAXIMUM: the graph still splits around each LUT).
-`saturate` the same clamps by int8 saturation (an op whose output tensor spans [0, s]):
-          ADD/SUB/MUL only, every op within XNNPACK's limits — one delegate partition.
+`saturate` a few terms clamped by int8 saturation (exporters.onnx_to_tf.saturate_plan:
+          5-7 ops of SUB/MUL/ADD/LEAKY_RELU), every op within XNNPACK's limits — one delegate
+          partition; in real exports a LUT that feeds a MaxPool runs after it.
 The branch-free forms are the exporter's own (`exporters.onnx_to_tf.BRANCH_FREE`).
 Both are first checked on all 256 input codes against the code table; then each model
 (`layers` × conv3x3 → ReLU [→ LUT] on 1×32×32×channels) is timed at batch 1, one thread.

@@ -41,8 +41,8 @@ FAKE_QUANT = "FakeQuant"  # our fused activation Q→DQ pair (not an ONNX op)
 LUT_NODE = "LUT"  # one layer's whole Less/Where chain, in a branch-free form (not an ONNX op)
 # How a LUT becomes TFLite ops. `select`: LESS + SELECT_V2 ×3, the ONNX graph op for op (DESIGN
 # §2). `minmax`: s·[q > t] = min(max(x, a), a + s) − a with a = s·(t − z), weighted and summed —
-# MAXIMUM/MINIMUM/SUB/MUL/ADD. `saturate`: the same clamps done by int8 saturation (an ADD whose
-# output tensor spans [0, s] clamps for free), ADD/SUB/MUL only: every op XNNPACK takes in int8.
+# MAXIMUM/MINIMUM/SUB/MUL/ADD. `saturate`: a few terms whose clamps int8 saturation does for free
+# (`saturate_plan`), SUB/MUL/ADD/LEAKY_RELU: every op XNNPACK takes in int8.
 LUT_FORMS = ("select", "minmax", "saturate")
 FOLDABLE = {"DequantizeLinear", "Identity"}
 QRANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}

@@ -23,8 +23,9 @@ from exporters.registry import ALL, TARGETS
               help="TFLite input/output type (ONNX and ORT take and return float).")
 @click.option("--lut-form", default="select", show_default=True, type=click.Choice(LUT_FORMS),
               help="How the TFLite file lowers each LUT: select = 3 LESS + 3 SELECT_V2 (the ONNX graph op for op); "
-                   "minmax = clamps by MAXIMUM/MINIMUM/SUB/MUL/ADD; saturate = clamps by int8 saturation, "
-                   "ADD/SUB/MUL only (all taken by XNNPACK). All are exact on the 256 codes; ONNX/ORT keep Less/Where.")
+                   "minmax = clamps by MAXIMUM/MINIMUM/SUB/MUL/ADD; saturate = 5-7 int8 ops per layer clamped by "
+                   "int8 saturation (SUB/MUL/ADD/LEAKY_RELU, all taken by XNNPACK; a LUT feeding a MaxPool runs "
+                   "after it) — the fast one for phones. All are exact on the 256 codes; ONNX/ORT keep Less/Where.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Exports folder; default: <folder of result.json>/exports.")
 @click.option("--force", is_flag=True, help="Replace an existing exports folder.")
