@@ -153,7 +153,8 @@ def measure(entry: dict, exports: Path, runtime: str, cfg: BenchConfig, x32: np.
 
     importlib.import_module(RUNTIME_MODULES.get(runtime, "numpy"))
     with PeakRSS() as mem:
-        runner = rn.make_runner(entry, exports, runtime=runtime, threads=cfg.threads, batch_size=THROUGHPUT_BATCH)
+        runner = rn.make_runner(entry, exports, runtime=runtime, threads=cfg.threads, batch_size=THROUGHPUT_BATCH,
+                                isolate=False)  # this worker is the fresh process
         p50, p90 = latency_ms(runner, x32[:1], cfg.warmup, cfg.repeats)
         ips = throughput(runner, x32, cfg.repeats32)
     return {"runtime": runner.name, "latency_ms_p50": p50, "latency_ms_p90": p90, "throughput_ips": ips,

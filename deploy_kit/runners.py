@@ -330,7 +330,8 @@ class LiteRTRunner:
 
 class TFLiteRuntimeRunner(LiteRTRunner):
     """The same `.tflite` in `tflite_runtime`, the interpreter many embedded Linux images ship.
-    Optional: it needs numpy < 2 (`pip install 'deploykit[tflite-runtime]'` in its own venv)."""
+    Optional (`pip install -e '.[tflite-runtime]'`, which also pins numpy < 2: its last release,
+    2.14, is built against numpy 1.x). `make_runner` wraps it in an `IsolatedRunner`."""
 
     module = "tflite_runtime.interpreter"
 
@@ -338,12 +339,91 @@ class TFLiteRuntimeRunner(LiteRTRunner):
         super().__init__(path, name, **kwargs)
 
 
+def tflite_runtime_status() -> tuple[bool, str | None]:
+    """(usable, why not): installed, and its numpy ABI matches. Checked from package metadata,
+    without importing it here (see IsolatedRunner for why it never loads in this process)."""
+    import importlib.util
+    from importlib import metadata
+
+    if importlib.util.find_spec("tflite_runtime") is None:
+        return False, None
+    version, numpy_major = metadata.version("tflite-runtime"), int(np.__version__.split(".")[0])
+    if tuple(int(p) for p in version.split(".")[:2]) < (2, 15) and numpy_major >= 2:
+        return False, (f"tflite-runtime {version} is installed but built for numpy 1.x, and numpy {np.__version__} "
+                       "is loaded: its rows are skipped (install with `pip install -e '.[tflite-runtime]'`, "
+                       "which pins numpy < 2)")
+    return True, None
+
+
 def tflite_runtime_available() -> bool:
-    try:
-        import tflite_runtime.interpreter  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return tflite_runtime_status()[0]
+
+
+class IsolatedRunner:
+    """A runner in a Python process of its own (`python -m deploy_kit.runners JOB_JSON`), with
+    arrays passed through a temporary .npz.
+
+    Why: tflite_runtime and TensorFlow/LiteRT carry the same TFLite C++ symbols, and the copy
+    loaded first wins. After TensorFlow is imported (`deploykit demo` exports, then verifies, in
+    one process) tflite_runtime 2.14 cannot read a model ('vector::reserve'); alone in a fresh
+    process it runs as on a device. `predict_seconds` is the worker's own time, so images/s
+    does not count the process start."""
+
+    def __init__(self, art: "Artifact", exports_dir: Path, runtime: str, label: str, threads: int | None,
+                 batch_size: int):
+        self.job = {"entry": art.entry, "exports": str(exports_dir), "runtime": runtime, "label": label,
+                    "threads": threads, "batch_size": batch_size}
+        self.name, self.artifact, self.bytes = label, art.path.name, _file_bytes(art.path)
+        self.predict_seconds: float | None = None
+
+    def _run(self, arrays: dict[str, np.ndarray], **job) -> dict[str, np.ndarray]:
+        import json
+        import subprocess
+        import sys
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="deploykit-runner-") as tmp:
+            np.savez(Path(tmp) / "in.npz", **arrays)
+            done = subprocess.run([sys.executable, "-m", "deploy_kit.runners", json.dumps({**self.job, **job, "dir": tmp})],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()] or ["no output"]
+                raise ExportError(f"{self.name} failed on {self.artifact}: {lines[-1][:300]}")
+            with np.load(Path(tmp) / "out.npz", allow_pickle=False) as out:
+                return dict(out)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        out = self._run({"x": x}, op="predict")
+        self.predict_seconds = float(out["seconds"])
+        return out["logits"]
+
+    def tap_codes(self, x: np.ndarray, layers: list[str], layer_quant: dict[str, ActivationQuant]) -> dict[str, LayerCodes]:
+        out = self._run({"x": x}, op="tap_codes", layers=layers,
+                        layer_quant={n: q.to_dict() for n, q in layer_quant.items() if n in layers})
+        return {n: LayerCodes(out[f"{n}/before"], out[f"{n}/after"]) for n in layers if f"{n}/after" in out}
+
+
+def _worker(job_json: str) -> None:
+    """The other end of IsolatedRunner: the in-process runner, on the job's arrays."""
+    import json
+    import time
+
+    from deploy_kit.lut import ActivationQuant
+
+    job = json.loads(job_json)
+    folder = Path(job["dir"])
+    art = artifacts({"artifacts": [job["entry"]]}, Path(job["exports"]))[0]
+    runner = _in_process_runner(art, job["runtime"], job["label"], job["threads"], job["batch_size"])
+    with np.load(folder / "in.npz", allow_pickle=False) as arrays:
+        x = arrays["x"]
+    if job["op"] == "predict":
+        start = time.perf_counter()
+        logits = runner.predict(x)
+        np.savez(folder / "out.npz", logits=logits, seconds=np.float64(time.perf_counter() - start))
+        return
+    quant = {n: ActivationQuant.from_dict(d) for n, d in job["layer_quant"].items()}
+    codes = runner.tap_codes(x, job["layers"], quant)
+    np.savez(folder / "out.npz", **{f"{n}/{k}": getattr(c, k) for n, c in codes.items() for k in ("before", "after")})
 
 
 # ----------------------------------------------------------------------------- manifest → runners
@@ -410,11 +490,19 @@ def runtimes_for(artifact: Artifact) -> list[str]:
 
 
 def make_runner(entry: dict | Artifact, exports_dir: Path, runtime: str | None = None, threads: int | None = None,
-                batch_size: int = DEFAULT_BATCH):
-    """A runner for one manifest artifact entry (or a resolved `Artifact`)."""
+                batch_size: int = DEFAULT_BATCH, isolate: bool = True):
+    """A runner for one manifest artifact entry (or a resolved `Artifact`). tflite_runtime runs in
+    a process of its own (`IsolatedRunner`) unless `isolate=False` — for a caller that already
+    is a fresh process holding only that runtime (bench's workers)."""
     art = entry if isinstance(entry, Artifact) else artifacts({"artifacts": [entry]}, exports_dir)[0]
     runtime = runtime or art.runtime
     label = runtime if art.target in ("onnx", "tflite") else f"{runtime} ({art.target})"
+    if runtime == "tflite_runtime" and isolate:
+        return IsolatedRunner(art, Path(exports_dir), runtime, label, threads, batch_size)
+    return _in_process_runner(art, runtime, label, threads, batch_size)
+
+
+def _in_process_runner(art: Artifact, runtime: str, label: str, threads: int | None, batch_size: int):
     if runtime == "onnxruntime":
         return OrtRunner(art.path, label, art.entry.get("session_options"), threads, batch_size)
     if runtime == "litert":
@@ -446,3 +534,12 @@ def load_manifest_teacher(manifest: dict, exports_dir: Path):
         raise ConfigError(f"{MANIFEST_NAME}: exported from teacher sha256 {ref['sha256'][:12]}…, but "
                           f"{teacher.weights_path} is {teacher.sha256[:12]}…; pass the matching teacher or re-export")
     return teacher
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        _worker(sys.argv[1])
+    except (ConfigError, ExportError) as exc:  # the message is the caller's error line
+        sys.exit(str(exc))

@@ -93,3 +93,47 @@ def test_hash_check_and_unknown_runtime(setup, tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": "other/1"}))
     with pytest.raises(ConfigError, match="expected schema deploykit-manifest/1"):
         rn.load_manifest(tmp_path)
+
+
+def test_isolated_runner_gives_the_in_process_results_and_one_line_errors(setup, tmp_path):
+    """IsolatedRunner (how tflite_runtime always runs: its TFLite symbols clash with TensorFlow's
+    in one process) drives the same runner in a fresh process; here on the ONNX artifact, so the
+    mechanism is exercised wherever tflite_runtime is not installed."""
+    import shutil
+
+    art = rn.artifacts(setup["manifest"], setup["exports"])[0]
+    assert art.relpath == "model.onnx"
+    here = onnx_runner(setup)
+    away = rn.IsolatedRunner(art, setup["exports"], "onnxruntime", "onnxruntime", None, rn.DEFAULT_BATCH)
+    np.testing.assert_array_equal(away.predict(setup["x"]), here.predict(setup["x"]))
+    assert away.predict_seconds and away.predict_seconds > 0
+    layers, quant = list(setup["luts"]), setup["teacher"].layer_quant
+    mine, theirs = here.tap_codes(setup["x"][:8], layers, quant), away.tap_codes(setup["x"][:8], layers, quant)
+    assert list(theirs) == layers
+    for name in layers:
+        np.testing.assert_array_equal(theirs[name].before, mine[name].before)
+        np.testing.assert_array_equal(theirs[name].after, mine[name].after)
+
+    broken = tmp_path / "exports"
+    shutil.copytree(setup["exports"], broken)
+    (broken / "model.onnx").write_bytes(b"not a model")
+    bad = rn.IsolatedRunner(rn.artifacts(setup["manifest"], broken)[0], broken, "onnxruntime", "onnxruntime", None, 64)
+    with pytest.raises(ExportError, match=r"^onnxruntime failed on model.onnx: .+") as err:
+        bad.predict(setup["x"][:2])
+    assert "\n" not in str(err.value)
+
+
+def test_tflite_runtime_is_skipped_with_a_reason_when_its_numpy_abi_does_not_match(monkeypatch):
+    import importlib.util
+    from importlib import metadata
+
+    real_spec, real_version = importlib.util.find_spec, metadata.version
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tflite_runtime" else real_spec(name, *a))
+    monkeypatch.setattr(metadata, "version", lambda name: "2.14.0" if name == "tflite-runtime" else real_version(name))
+    monkeypatch.setattr(np, "__version__", "2.4.6")
+    usable, why = rn.tflite_runtime_status()
+    assert not usable and "built for numpy 1.x" in why and "pip install -e '.[tflite-runtime]'" in why
+    monkeypatch.setattr(np, "__version__", "1.26.4")
+    assert rn.tflite_runtime_status() == (True, None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tflite_runtime" else real_spec(name, *a))
+    assert rn.tflite_runtime_status() == (False, None)

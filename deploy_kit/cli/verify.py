@@ -65,6 +65,7 @@ def command(exports, data, split, max_drop, min_agreement, localize, threads, as
       deploykit verify --exports runs/lenet5/exports
       deploykit verify --exports runs/lenet5/exports --min-agreement 99.5 --localize
     """
+    from deploy_kit.runners import tflite_runtime_status
     from deploy_kit.verify import VerifyConfig, VERIFY_NAME, verify_exports
 
     cfg = VerifyConfig(exports=exports, data=data, split=split, max_drop=max_drop, min_agreement=min_agreement,
@@ -77,6 +78,9 @@ def command(exports, data, split, max_drop, min_agreement, localize, threads, as
         if row.localize:
             for line in render_localize(row):
                 say(line)
+    _, skipped = tflite_runtime_status()
+    if skipped:
+        say(f"note: {skipped}")
     say(f"{'PASSED' if report.passed else 'FAILED'} → {Path(exports) / VERIFY_NAME}")
     emit(report.summary())
     report.raise_for_failures()
