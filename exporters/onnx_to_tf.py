@@ -651,10 +651,14 @@ def _sat_pair(x, s: float, z: int, a: int, b: int, m: int, top: int):
     d = b - a
     # code 0 (value 0) for q <= a, 1 for a < q <= b, 2 for b < q <= b+d, …: the half codes of x
     # at a+½ and b+½ land on the half codes of the counter, so no input sits near a tie.
-    # The offset, a multiple of s/2, gets that grid: the converter would give the scalar its own
-    # scale |c|/255, and XNNPACK refuses a SUB whose input/output scale ratio is below 1/1024.
-    c = s * (a + 0.5 - z - 0.5 * d)
-    offset = _fq(_tf().constant(np.float32(c)), *((0.0, 127.5 * s) if c >= 0 else (-127.5 * s, 0.0)))
+    # The offset c, a multiple of s/2, is pinned to that grid where it fits (|c| <= 127.5·s): the
+    # converter would give the scalar the scale |c|/255, and XNNPACK refuses a SUB whose
+    # input/output scale ratio is below 1/1024 — which |c|/255 only is while |c| < (b−a)·s/4.
+    # An offset of 0 (a − z + ½ = d/2) would let the converter drop the SUB and feed x's grid to
+    # the MUL: a quarter code (grid s/4) keeps it, still between a and a+1, off every tie.
+    codes = a + 0.5 - z - 0.5 * d
+    codes, grid = (codes, max(s / 2, abs(s * codes) / 255)) if codes else (0.25, s / 4)
+    offset = _fq(_tf().constant(np.float32(s * codes)), *((0.0, 255 * grid) if codes > 0 else (-255 * grid, 0.0)))
     count = _fq(x - offset, 0.0, 255 * d * s)
     return _fq(count * np.float32(m / d), s * (top - 255), s * top)
 

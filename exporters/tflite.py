@@ -428,6 +428,7 @@ def check_lut_codes(tflite: bytes, luts: dict[str, tuple[LayerLUT, ActivationQua
                 q = int(wrong[0])
                 raise ExportError(f"layer {layer}: the TFLite LUT ({lut_form}) maps {wrong.size} of 256 codes off the "
                                   f"table in {runtime}, e.g. code {q} → {got[q]}, expected {want[q]} "
-                                  f"({lut.describe()}); the lowering is wrong")
+                                  f"({lut.describe()}); the lowering is wrong" +
+                                  (" — export with --lut-form select" if lut_form != "select" else ""))
         out[layer] = dict(sorted(Counter(ops).items()))
     return out

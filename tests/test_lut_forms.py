@@ -172,6 +172,7 @@ PLANS = [
     ((1, 3, 10, 255, 255), 3, ["step", "ramp"], 4),             # one jump; the empty ramp lands y on the grid
     ((0, 1, 2, 3, 255), 0, ["step", "step"], 4),                # no identity part; a step at the zero point is one op
     ((2, 130, 131, 132, 133), 0, ["pair", "jump_ramp"], 5),
+    ((2, 120, 245, 250, 254), 0, ["step", "pair", "ramp"], 7),  # the counter's offset 241·s is past 127.5·s
 ]
 
 

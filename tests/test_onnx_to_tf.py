@@ -121,17 +121,27 @@ def test_every_zoo_architecture_translates_and_matches_onnxruntime(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["mobilenet_v1", "nin", "alexnet"])
-def test_zoo_architecture_converts_to_full_integer(arch, tmp_path):
-    """Depthwise convs, padded strided convs, global average pooling: full int8, 3+3 ops per LUT."""
+@pytest.mark.parametrize("lut_form", ["select", "saturate"])
+@pytest.mark.parametrize("arch", ["mobilenet_v1", "nin", "alexnet", "vgg19"])
+def test_zoo_architecture_converts_to_full_integer(arch, lut_form, tmp_path):
+    """Depthwise convs, padded strided convs, global average pooling: full int8, 3+3 ops per LUT
+    (select) or a 5-op saturate plan at every layer — LUT (3, 6, 10, 14, 20) puts its counter's
+    offset at exactly 0 (the converter once dropped that SUB) — run after each MaxPool it feeds.
+    export_tflite raises unless every LUT maps all 256 codes by the table."""
     teacher = fresh_teacher(arch)
     path = tmp_path / "model.onnx"
     onnx.save(lut_graph(teacher), str(path))
     calibration = np.random.default_rng(2).normal(size=(8, 3, 32, 32)).astype(np.float32)
-    details = tflite.export_tflite(path, tmp_path / "model.tflite", calibration=calibration)
+    details = tflite.export_tflite(path, tmp_path / "model.tflite", calibration=calibration, lut_form=lut_form)
     layers = len(teacher.model.taps())
-    info = tflite.check_full_integer(tmp_path / "model.tflite", layers)
-    assert info["ops"]["LESS"] == 3 * layers and info["ops"]["SELECT_V2"] == 3 * layers
+    info = tflite.check_full_integer(tmp_path / "model.tflite", layers, lut_form=lut_form)
+    if lut_form == "select":
+        assert info["ops"]["LESS"] == 3 * layers and info["ops"]["SELECT_V2"] == 3 * layers
+    else:
+        assert [sum(ops.values()) for ops in details["lut_ops"].values()] == [5] * layers
+        pooled = {"mobilenet_v1": set(), "nin": {"cccp2", "cccp4"}, "alexnet": {"conv1", "conv2", "conv5"},
+                  "vgg19": {"conv1_2", "conv2_2", "conv3_4", "conv4_4", "conv5_4"}}[arch]
+        assert set(details["lut_pools"]) == pooled
     assert details["inputs"][0]["dtype"] == "int8" and details["inputs"][0]["shape"] == ["batch", 32, 32, 3]
     assert details["weights"]["layers"] == len(teacher.model.blocks())
 
