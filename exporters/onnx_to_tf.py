@@ -660,7 +660,10 @@ def _sat_pair(x, s: float, z: int, a: int, b: int, m: int, top: int):
     codes, grid = (codes, max(s / 2, abs(s * codes) / 255)) if codes else (0.25, s / 4)
     offset = _fq(_tf().constant(np.float32(s * codes)), *((0.0, 255 * grid) if codes > 0 else (-255 * grid, 0.0)))
     count = _fq(x - offset, 0.0, 255 * d * s)
-    return _fq(count * np.float32(m / d), s * (top - 255), s * top)
+    # A gain of exactly 1 (m = d) would be folded away, and the clamp at `top` with it: 1 + 1/(4m)
+    # lands the middle level a quarter code above m (it rounds to m), the top one still above top.
+    gain = m / d if m != d else 1 + 0.25 / m
+    return _fq(count * np.float32(gain), s * (top - 255), s * top)
 
 
 def _sat_ramp(x, s: float, z: int, t: int):
