@@ -1,6 +1,6 @@
 """Seconds for `verify` on a 10,000-image 32×32×3 test split, through every runtime.
 
-    python benchmarks/verify_10k.py --out /tmp/verify10k        # builds, trains, exports, verifies
+    python benchmarks/verify_10k.py --out /tmp/verify10k [--lut-form saturate]   # builds, trains, exports, verifies
 
 No download: the split is an ImageFolder made of real `digits` images, replicated to three
 channels. train/ holds the digits train split; test/ holds 10,000 images drawn (seeded) from the
@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--images", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lut-form", default="select", help="how the TFLite file lowers each LUT (export --lut-form)")
     a = p.parse_args()
 
     from deploy_kit.export import ExportConfig, export
@@ -62,7 +63,7 @@ def main() -> None:
     teacher = load_teacher(run)
     write_json(run / "result.json", {"model": teacher.arch, "layers": {n: dict(CODES) for n in teacher.layer_quant},
                                      "teacher": {"path": ".", "sha256": teacher.sha256}})
-    export(ExportConfig(result_path=run / "result.json", force=True))
+    export(ExportConfig(result_path=run / "result.json", lut_form=a.lut_form, force=True))
     start = time.perf_counter()
     report = verify_exports(VerifyConfig(exports=run / "exports"))
     print(f"verify: {report.images} images × {len(report.rows)} runtimes in {time.perf_counter() - start:.1f} s "

@@ -606,12 +606,14 @@ def _jumps(lut: LayerLUT, quant: ActivationQuant) -> tuple[list[tuple[int, int]]
 
 
 def _pairings(jumps: list[tuple[int, int]]) -> list[list[tuple]]:
-    """Every way to cover consecutive jumps with single steps and pairs (a pair needs T <= 2M)."""
+    """Every way to cover consecutive jumps with single steps and pairs. A pair needs T <= 2M, and
+    M != b−a: a MUL by exactly 1 is folded away by the converter, and the clamp at T with it (a
+    gain nudged off 1 rounded the middle level one code high in LiteRT's builtin kernels)."""
     if not jumps:
         return [[]]
     (t, h), rest = jumps[0], jumps[1:]
     ways = [[("step", t, h), *tail] for tail in _pairings(rest)]
-    if rest and rest[0][1] <= h:
+    if rest and rest[0][1] <= h and h != rest[0][0] - t:
         ways += [[("pair", t, rest[0][0], h, h + rest[0][1]), *tail] for tail in _pairings(rest[1:])]
     return ways
 
@@ -660,10 +662,7 @@ def _sat_pair(x, s: float, z: int, a: int, b: int, m: int, top: int):
     codes, grid = (codes, max(s / 2, abs(s * codes) / 255)) if codes else (0.25, s / 4)
     offset = _fq(_tf().constant(np.float32(s * codes)), *((0.0, 255 * grid) if codes > 0 else (-255 * grid, 0.0)))
     count = _fq(x - offset, 0.0, 255 * d * s)
-    # A gain of exactly 1 (m = d) would be folded away, and the clamp at `top` with it: 1 + 1/(4m)
-    # lands the middle level a quarter code above m (it rounds to m), the top one still above top.
-    gain = m / d if m != d else 1 + 0.25 / m
-    return _fq(count * np.float32(gain), s * (top - 255), s * top)
+    return _fq(count * np.float32(m / d), s * (top - 255), s * top)
 
 
 def _sat_ramp(x, s: float, z: int, t: int):

@@ -173,7 +173,8 @@ PLANS = [
     ((0, 1, 2, 3, 255), 0, ["step", "step"], 4),                # no identity part; a step at the zero point is one op
     ((2, 130, 131, 132, 133), 0, ["pair", "jump_ramp"], 5),
     ((2, 120, 245, 250, 254), 0, ["step", "pair", "ramp"], 7),  # the counter's offset 241·s is past 127.5·s
-    ((3, 21, 25, 31, 35), 2, ["step", "pair", "ramp"], 7),      # pair(25, 35, M=10): a gain of exactly 1
+    ((3, 21, 25, 31, 35), 2, ["pair", "step", "ramp"], 7),      # not pair(25, 35): M = b−a = 10
+    ((10, 88, 100, 116, 117), 0, ["step", "pair", "ramp"], 7),  # so would pair(10, 100) with M = 88 + 2
 ]
 
 
