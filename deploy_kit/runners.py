@@ -408,8 +408,6 @@ def _worker(job_json: str) -> None:
     import json
     import time
 
-    from deploy_kit.lut import ActivationQuant
-
     job = json.loads(job_json)
     folder = Path(job["dir"])
     art = artifacts({"artifacts": [job["entry"]]}, Path(job["exports"]))[0]
@@ -421,6 +419,8 @@ def _worker(job_json: str) -> None:
         logits = runner.predict(x)
         np.savez(folder / "out.npz", logits=logits, seconds=np.float64(time.perf_counter() - start))
         return
+    from deploy_kit.lut import ActivationQuant  # (imports torch: only for --localize)
+
     quant = {n: ActivationQuant.from_dict(d) for n, d in job["layer_quant"].items()}
     codes = runner.tap_codes(x, job["layers"], quant)
     np.savez(folder / "out.npz", **{f"{n}/{k}": getattr(c, k) for n, c in codes.items() for k in ("before", "after")})
