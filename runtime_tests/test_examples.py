@@ -38,9 +38,24 @@ def _top3(logits: np.ndarray, classes: list[str]) -> list[list[str]]:
     return [[classes[i] for i in np.argsort(-row, kind="stable")[:3]] for row in logits]
 
 
+@pytest.fixture(scope="module")
+def saturate_exports(export_lenet_run) -> Path:
+    return export_lenet_run("examples_saturate", ("tflite",), lut_form="saturate")
+
+
+def test_classify_runs_the_phone_lut_form(saturate_exports, digit_pngs):
+    """`--lut-form saturate` (LEAKY_RELU in the LUT, LUTs after their MaxPool) is what a phone
+    gets: the client needs no change and predicts what the runner predicts."""
+    _check_classify(saturate_exports, digit_pngs, "litert", "lut")
+
+
 @pytest.mark.parametrize("variant", ["lut", "relu"])
 @pytest.mark.parametrize("runtime", sorted(TARGET_OF))
 def test_classify_matches_deploykit_runner(exports, digit_pngs, runtime, variant):
+    _check_classify(exports, digit_pngs, runtime, variant)
+
+
+def _check_classify(exports: Path, digit_pngs, runtime: str, variant: str) -> None:
     paths, pixels = digit_pngs
     done = _classify(exports, paths, "--runtime", runtime, "--variant", variant, "--json")
     assert done.returncode == 0, done.stderr
