@@ -17,11 +17,11 @@ Conventions, fixed once:
   becomes one `FakeQuant` node: `fake_quant_with_min_max_vars(x, s·(qmin−z), s·(qmax−z))`. That
   fixes the range in the graph, so the converter gives the tensor exactly scale s and zero point
   z−128 and TFLite's int8 codes are the teacher's codes (DESIGN.md §5).
-- LUTs. Each layer's Less/Where chain is recognised once (`Graph.luts`: its codes and grid).
-  `lut_form="select"` translates it op for op (LESS + SELECT_V2); the branch-free forms replace
-  it by one `LUT` node lowered to clamps (`LUT_FORMS`, docs/RUNTIMES.md has the measurements),
-  and a branch-free LUT followed by a MaxPool runs after the pool instead (`_pool_before_lut`:
-  exact, since the LUT is monotone; `lut_pools` says which layers moved).
+- LUTs. Each layer's Less/Where chain is recognised once (`Graph.luts`: its codes and grid) and
+  replaced by one `LUT` node, lowered per `lut_form` (`LOWERINGS`): `select` is the chain's own
+  ops (LESS + SELECT_V2), the branch-free forms clamps (docs/RUNTIMES.md has the measurements).
+  A LUT followed by a MaxPool runs after the pool instead (`_pool_before_lut`: exact, since the
+  LUT is monotone; `lut_pools` says which layers moved).
 """
 
 from __future__ import annotations
@@ -137,10 +137,7 @@ def read_graph(proto: onnx.ModelProto, lut_form: str = "select") -> Graph:
         raise ExportError(f"expected one graph input, found {[v.name for v in inputs]}")
     nodes = _fuse_fake_quant(nodes, constants, {o.name for o in g.output})
     luts = find_luts(nodes, constants)
-    if lut_form != "select":
-        nodes = _lower_luts(nodes, luts, lut_form)
-        nodes = _pool_before_lut(nodes)
-    nodes = _rescale_fine_comparisons(nodes, constants)
+    nodes = _pool_before_lut(_lower_luts(nodes, luts, lut_form))
     return Graph(nodes, constants, inputs[0].name, _static_shape(inputs[0]), [o.name for o in g.output],
                  {layer: (spec.lut, spec.quant) for layer, spec in luts.items()})
 
@@ -315,36 +312,6 @@ def lut_steps(lut: LayerLUT, quant: ActivationQuant) -> list[tuple[int, int]]:
         raise ExportError(f"v1={lut.v1} is below the zero point {quant.zero_point}: the staircase is not monotone, "
                           "so it has no branch-free form; export with --lut-form select")
     return [(t, w) for t, w in steps if w]
-
-
-# TFLite's int8 LESS rescales each input by its own scale with only 8 fractional bits
-# (kernels/comparisons.cc: left_shift = 8), i.e. it compares values rounded to 1/256 in real
-# units. Rounding is monotone, so a half-code margin s/2 wider than one unit (s > 1/128) keeps
-# every comparison exact; a LUT input finer than that is compared at scale s·k (k a power of
-# two: exact in float and in int8, one MUL) against thresholds ×k. Measured on all 256 codes:
-# s = 0.0031 and 0.006 missed codes at t1/t2/tmax; 0.0079..0.009 never did. 25% headroom.
-LESS_MIN_SCALE = 1.25 / 128
-RESCALED = "/x{k}"
-
-
-def _rescale_fine_comparisons(nodes: list[Node], constants: dict) -> list[Node]:
-    fq = {o: n for n in nodes if n.op == FAKE_QUANT for o in n.outputs}
-    out, scaled = [], {}
-    for n in nodes:
-        src = fq.get(n.inputs[0]) if n.op == "Less" else None
-        if src is None or src.attrs["scale"] >= LESS_MIN_SCALE or n.inputs[1] not in constants:
-            out.append(n)
-            continue
-        k = 2.0 ** int(np.ceil(np.log2(LESS_MIN_SCALE / src.attrs["scale"])))
-        name = n.inputs[0] + RESCALED.format(k=int(k))
-        if name not in scaled:
-            scaled[name] = Node(FAKE_QUANT, f"{src.name}{RESCALED.format(k=int(k))}", (n.inputs[0],), (name,),
-                                {**src.attrs, "scale": src.attrs["scale"] * k, "multiplier": k})
-            out.append(scaled[name])
-        threshold = n.inputs[1] + RESCALED.format(k=int(k))
-        constants[threshold] = np.asarray(constants[n.inputs[1]] * np.float32(k), np.float32)
-        out.append(Node("Less", n.name, (name, threshold), n.outputs, n.attrs))
-    return out
 
 
 # ----------------------------------------------------------------------------- the op registry
@@ -549,12 +516,32 @@ def fake_quant(node: Node, inputs: list):
     a = node.attrs
     lo = np.float32(a["scale"] * (a["qmin"] - a["zero_point"]))
     hi = np.float32(a["scale"] * (a["qmax"] - a["zero_point"]))
-    x = inputs[0] * np.float32(a["multiplier"]) if "multiplier" in a else inputs[0]
-    return [_tf().quantization.fake_quant_with_min_max_vars(x, lo, hi, num_bits=8)]
+    return [_tf().quantization.fake_quant_with_min_max_vars(inputs[0], lo, hi, num_bits=8)]
 
 
 def _fq(x, lo: float, hi: float):
     return _tf().quantization.fake_quant_with_min_max_vars(x, np.float32(lo), np.float32(hi), num_bits=8)
+
+
+# TFLite's int8 LESS rescales each input by its own scale with only 8 fractional bits
+# (kernels/comparisons.cc: left_shift = 8), i.e. it compares values rounded to 1/256 in real
+# units. Rounding is monotone, so a half-code margin s/2 wider than one unit (s > 1/128) keeps
+# every comparison exact; a LUT input finer than that is compared at scale s·k (k a power of
+# two: exact in float and in int8, one MUL) against thresholds ×k. Measured on all 256 codes:
+# s = 0.0031 and 0.006 missed codes at t1/t2/tmax; 0.0079..0.009 never did. 25% headroom.
+LESS_MIN_SCALE = 1.25 / 128
+
+
+def _select(x, lut: LayerLUT, quant: ActivationQuant):
+    """The ONNX graph's chain, op for op: Where(x < t1', 0, Where(x < t2', v1, Where(x < tmax', v2,
+    x))) with its half-code thresholds and on-grid values (DESIGN §2) — 3 LESS + 3 SELECT_V2."""
+    tf, s, z = _tf(), quant.scale, quant.zero_point
+    k = 2.0 ** max(0, int(np.ceil(np.log2(LESS_MIN_SCALE / s))))
+    probe = x if k == 1 else _fq(x * np.float32(k), k * s * (quant.qmin - z), k * s * (quant.qmax - z))
+    (t1, t2, tmax), (v0, v1, v2) = lut.thresholds(quant) * np.float32(k), lut.levels(quant).astype(np.float32)
+    y = tf.where(tf.math.less(probe, tmax), v2, x)
+    y = tf.where(tf.math.less(probe, t2), v1, y)
+    return tf.where(tf.math.less(probe, t1), v0, y)
 
 
 def _minmax(x, lut: LayerLUT, quant: ActivationQuant):
@@ -688,12 +675,13 @@ def _saturate(x, lut: LayerLUT, quant: ActivationQuant):
     return y
 
 
-BRANCH_FREE = {"minmax": _minmax, "saturate": _saturate}
+LOWERINGS = {"select": _select, "minmax": _minmax, "saturate": _saturate}
+BRANCH_FREE = {form: LOWERINGS[form] for form in ("minmax", "saturate")}
 
 
 def lut(node: Node, inputs: list):
     a = node.attrs
-    return [BRANCH_FREE[a["form"]](inputs[0], a["lut"], a["quant"])]
+    return [LOWERINGS[a["form"]](inputs[0], a["lut"], a["quant"])]
 
 
 def identity(node: Node, inputs: list):

@@ -316,7 +316,8 @@ def lut_tensors(interpreter, layer: str) -> tuple[int, int]:
     its form: its first op is found by name (`<layer>/lut/`), the rest by wiring, since the
     last op's output may carry another name (the graph's output, a fused consumer's).
     `select`: x is the data input of the first SELECT_V2 (a LESS may read a rescaled copy,
-    see onnx_to_tf.LESS_MIN_SCALE). Branch-free forms: x is the chain's activation-sized input."""
+    see onnx_to_tf.LESS_MIN_SCALE). Branch-free forms: x is the chain's activation-sized input.
+    Where the LUT runs after a MaxPool (`lut_pools`), x is the pooled tensor."""
     names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
     ops = [op for op in interpreter._get_ops_details() if op["op_name"] != "DELEGATE"]  # the only API exposing wiring
     key = f"{layer}{onnx_to_tf.LUT_SCOPE}"

@@ -18,7 +18,7 @@ from deploy_kit.fsutil import sha256_file, write_json
 from deploy_kit.lut import ActivationQuant
 from deploy_kit.teacher import load_teacher
 from deploy_kit.train import TrainConfig, train_teacher
-from deploy_kit.verify import VerifyConfig, verify_exports
+from deploy_kit.verify import VerifyConfig, max_pool_codes, verify_exports
 from exporters.registry import TARGETS
 
 AVAILABLE = [name for name, t in TARGETS.items() if t.available()]
@@ -66,17 +66,20 @@ def test_layer_codes_are_readable_and_follow_the_table(run, target):
     codes = runner.tap_codes(x, list(luts), quant)
     student = rn.StudentRunner(run["teacher"], luts).tap_codes(x, list(luts))
     assert list(codes) == list(luts)
+    pools = entry.get("lut_pools", {})  # TFLite runs a LUT that feeds a MaxPool after it
     for name, lut in luts.items():
-        assert codes[name].after.shape == student[name].after.shape  # NHWC already turned to NCHW
+        mine = max_pool_codes(student[name].after, pools[name]) if name in pools else student[name].after
+        assert codes[name].after.shape == mine.shape  # NHWC already turned to NCHW
         np.testing.assert_array_equal(codes[name].after, lut.apply_codes(codes[name].before, quant[name].zero_point))
+    assert set(pools) == ({"conv1", "conv2"} if target == "tflite" else set())
 
 
 @pytest.mark.skipif("tflite" not in AVAILABLE, reason="the tflite target needs TensorFlow")
 @pytest.mark.parametrize("lut_form", ["select", "saturate"])
 def test_broken_tflite_fails_and_localize_names_the_layer(run, tmp_path, lut_form):
     """Shift conv2's tmax threshold in model.onnx and convert that graph to TFLite: the INT8
-    file carries the broken LUT, verify must fail it and --localize must name conv2 — also when
-    the LUT runs after conv2's MaxPool (saturate)."""
+    file carries the broken LUT (after conv2's MaxPool), verify must fail it and --localize must
+    name conv2, whatever the TFLite LUT form."""
     root = tmp_path / "run"
     shutil.copytree(run["root"], root)
     exports, layer = root / "exports", "conv2"
@@ -91,7 +94,7 @@ def test_broken_tflite_fails_and_localize_names_the_layer(run, tmp_path, lut_for
     calibration, _ = calibration_set(teacher, 32, teacher.meta["seed"])
     details = TARGETS["tflite"].exporter()(broken_onnx, exports / "model_int8.tflite", io="int8",
                                            calibration=calibration, layer_quant=teacher.layer_quant, lut_form=lut_form)
-    assert (layer in details["lut_pools"]) == (lut_form == "saturate")
+    assert layer in details["lut_pools"]  # conv2 feeds a MaxPool: its LUT runs after it, in both forms
     for a in manifest["artifacts"]:
         if a["path"] == "model_int8.tflite":
             a.update(sha256=sha256_file(exports / a["path"]), lut_form=lut_form, lut_pools=details["lut_pools"])

@@ -120,14 +120,15 @@ def test_each_form_passes_verify_with_localize(lenet_lut_run, form):
     assert all(e["share_differing"] == 0 for e in row.localize["layers"].values())
 
 
-def test_branch_free_luts_run_after_their_max_pool(lenet_lut_run):
-    """conv1 and conv2 feed a 2×2 MaxPool: their saturate LUTs run on the pooled tensor (a quarter
-    of the values), recorded in the manifest and the file; fc1/fc2 have no pool and stay put."""
+@pytest.mark.parametrize("form", ["select", "saturate"])
+def test_luts_run_after_their_max_pool(lenet_lut_run, form):
+    """conv1 and conv2 feed a 2×2 MaxPool: their LUTs run on the pooled tensor (a quarter of the
+    values), recorded in the manifest and the file; fc1/fc2 have no pool and stay put."""
     import json
 
     from ai_edge_litert.interpreter import Interpreter
 
-    exports, teacher = lenet_lut_run("saturate")
+    exports, teacher = lenet_lut_run(form)
     path = exports / TARGETS["tflite"].path("lut")
     window = {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 0, 0]}
     entry = next(a for a in json.loads((exports / "manifest.json").read_text())["artifacts"]
@@ -144,10 +145,6 @@ def test_branch_free_luts_run_after_their_max_pool(lenet_lut_run):
     for layer in ("fc1", "fc2"):
         x, _ = tflite.lut_tensors(interpreter, layer)
         assert ops[producer[x]]["op_name"] == "FULLY_CONNECTED", layer
-    # select keeps the ONNX graph op for op: its LUTs stay before the pool
-    select_exports, _ = lenet_lut_run("select")
-    assert next(a for a in json.loads((select_exports / "manifest.json").read_text())["artifacts"]
-                if a["target"] == "tflite" and a["variant"] == "lut")["lut_pools"] == {}
 
 
 def test_max_pool_codes_matches_torch_with_and_without_pads():
@@ -221,7 +218,7 @@ def test_read_graph_recovers_the_codes_of_each_lut(tmp_path):
         graph = onnx_to_tf.read_graph(proto, form)
         (layer, (found, quant)), = graph.luts.items()
         assert layer == "layer" and found == lut and quant.scale == pytest.approx(aq.scale) and quant.zero_point == 0
-        assert sum(n.op == onnx_to_tf.LUT_NODE for n in graph.nodes) == (form != "select")
+        assert sum(n.op == onnx_to_tf.LUT_NODE for n in graph.nodes) == 1
     with pytest.raises(ExportError, match="lut_form must be one of select, minmax, saturate"):
         onnx_to_tf.read_graph(proto, "gather")
 

@@ -92,7 +92,7 @@ def test_activation_qdq_pairs_become_fake_quant_and_weights_fold():
     graph = onnx_to_tf.read_graph(proto)
     ops = [n.op for n in graph.nodes]
     assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops  # all folded or fused
-    pairs = [n for n in graph.nodes if n.op == onnx_to_tf.FAKE_QUANT and "multiplier" not in n.attrs]
+    pairs = [n for n in graph.nodes if n.op == onnx_to_tf.FAKE_QUANT]
     assert len(pairs) == sum(n.op_type == "QuantizeLinear" for n in proto.graph.node)
     conv1 = next(n for n in graph.nodes if n.op == "Conv")
     assert graph.constants[conv1.inputs[1]].dtype == np.float32 and "weight_scale" in conv1.attrs
