@@ -22,10 +22,11 @@ from exporters.registry import ALL, TARGETS
 @click.option("--io", default="int8", show_default=True, type=click.Choice(["int8", "float"]),
               help="TFLite input/output type (ONNX and ORT take and return float).")
 @click.option("--lut-form", default="select", show_default=True, type=click.Choice(LUT_FORMS),
-              help="How the TFLite file lowers each LUT: select = 3 LESS + 3 SELECT_V2 (the ONNX graph op for op); "
+              help="How the TFLite file lowers each LUT: select = 3 LESS + 3 SELECT_V2 (the ONNX graph's ops); "
                    "minmax = clamps by MAXIMUM/MINIMUM/SUB/MUL/ADD; saturate = 5-7 int8 ops per layer clamped by "
-                   "int8 saturation (SUB/MUL/ADD/LEAKY_RELU, all taken by XNNPACK; a LUT feeding a MaxPool runs "
-                   "after it) — the fast one for phones. All are exact on the 256 codes; ONNX/ORT keep Less/Where.")
+                   "int8 saturation (SUB/MUL/ADD/LEAKY_RELU, all taken by XNNPACK) — the fast one for phones. "
+                   "All are exact on the 256 codes, and run a LUT that feeds a MaxPool after it; "
+                   "ONNX/ORT keep Less/Where.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Exports folder; default: <folder of result.json>/exports.")
 @click.option("--force", is_flag=True, help="Replace an existing exports folder.")
