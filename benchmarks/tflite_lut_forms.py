@@ -9,7 +9,7 @@ Python-side quantization), median per round and the median of the per-round rati
 XNNPACK partition count (DELEGATE nodes) and each LUT chain timed alone (cut out of the file by
 exporters.tflite.lut_submodel) — where the extra time goes.
 
-`select`  the exported form: LESS/SELECT_V2 ×3 (exporters/tflite.py). XNNPACK takes neither
+`select`  the default form: LESS/SELECT_V2 ×3 (exporters/onnx_to_tf.py). XNNPACK takes neither
           op, so the graph splits around every LUT and SELECT_V2 runs in a builtin kernel.
 `minmax`  a branch-free form on the same grid: s·[q > t] = min(max(x, a), a + s) − a with
           a = s·(t − z), so LUT(x) = (v1−z)·step(t1) + (v2−v1)·step(t2) + (tmax−v2)·step(tmax)
@@ -18,7 +18,7 @@ exporters.tflite.lut_submodel) — where the extra time goes.
 `saturate` a few terms clamped by int8 saturation (exporters.onnx_to_tf.saturate_plan:
           5-7 ops of SUB/MUL/ADD/LEAKY_RELU), every op within XNNPACK's limits — one delegate
           partition; in real exports a LUT that feeds a MaxPool runs after it.
-The branch-free forms are the exporter's own (`exporters.onnx_to_tf.BRANCH_FREE`).
+All three are the exporter's own lowerings (`exporters.onnx_to_tf.LOWERINGS`).
 Both are first checked on all 256 input codes against the code table; then each model
 (`layers` × conv3x3 → ReLU [→ LUT] on 1×32×32×channels) is timed at batch 1, one thread.
 """
@@ -44,42 +44,41 @@ LO, HI = s * (0 - z), s * (255 - z)
 rng = np.random.default_rng(0)
 
 
-def fq(x):
-    return tf.quantization.fake_quant_with_min_max_vars(x, LO, HI)
+def fq(x, quant=None):
+    lo, hi = (LO, HI) if quant is None else (quant.value(0), quant.value(255))
+    return tf.quantization.fake_quant_with_min_max_vars(x, np.float32(lo), np.float32(hi))
 
 
-def th(t):  # half-code threshold (DESIGN.md §2)
-    return np.float32(s * (t - z + 0.5))
+LUT = LayerLUT(t1, v1, t2, v2, tmax)
 
 
-def val(c):
-    return np.float32(s * (c - z))
+def lut_select(x, quant=ActivationQuant(s, z)):  # the exporter's own lowerings (exporters/onnx_to_tf.py)
+    return onnx_to_tf.LOWERINGS["select"](x, LUT, quant)
 
 
-def lut_select(x):
-    y = tf.where(x < th(tmax), val(v2), x)
-    y = tf.where(x < th(t2), val(v1), y)
-    return tf.where(x < th(t1), val(z), y)
+def lut_minmax(x, quant=ActivationQuant(s, z)):
+    return onnx_to_tf.LOWERINGS["minmax"](x, LUT, quant)
 
 
-def lut_minmax(x):  # the exporter's own lowerings (exporters/onnx_to_tf.py), on this grid
-    return onnx_to_tf.BRANCH_FREE["minmax"](x, LayerLUT(t1, v1, t2, v2, tmax), ActivationQuant(s, z))
-
-
-def lut_saturate(x):
-    return onnx_to_tf.BRANCH_FREE["saturate"](x, LayerLUT(t1, v1, t2, v2, tmax), ActivationQuant(s, z))
+def lut_saturate(x, quant=ActivationQuant(s, z)):
+    return onnx_to_tf.LOWERINGS["saturate"](x, LUT, quant)
 
 
 def build(act, layers, channels):
+    """`layers` × (conv3x3 → ReLU [→ LUT]). Each layer gets its own grid, s·(1 + k/100), as in a
+    trained model: two layers with the same grid and codes would share the LUT's constants, and
+    the converter then requantizes a shared fake-quantized constant by its value (saturate's
+    counter offset fell out of XNNPACK that way: 11× the ReLU model)."""
     W = (rng.standard_normal((3, 3, channels, channels)) * 0.1).astype(np.float32)
+    grids = [ActivationQuant(s * (1 + k / 100), z) for k in range(layers)]
 
     @tf.function(input_signature=[tf.TensorSpec([1, 32, 32, channels], tf.float32)])
     def f(x):
         x = fq(x)
-        for _ in range(layers):
-            x = fq(tf.nn.relu(tf.nn.conv2d(x, W, 1, "SAME")))
+        for quant in grids:
+            x = fq(tf.nn.relu(tf.nn.conv2d(x, W, 1, "SAME")), quant)
             if act is not None:
-                x = fq(act(x))
+                x = fq(act(x, quant), quant)
         return x
     conv = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()])
     conv.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -125,7 +125,9 @@ def _export_variant(folder: Path, variant: str, proto, steps: list, options: dic
         entry = {**mf.artifact_entry(target, variant, rel, folder / rel, details),
                  "export_seconds": round(time.perf_counter() - t0, 3)}
         entries.append(entry)
-        progress(f"  {target.name:<7}{variant:<5} {rel:<24} {entry['bytes']:>12,} B  {entry['export_seconds']:6.1f}s")
+        parts = details.get("xnnpack_partitions")
+        progress(f"  {target.name:<7}{variant:<5} {rel:<24} {entry['bytes']:>12,} B  {entry['export_seconds']:6.1f}s"
+                 + (f"  XNNPACK: {parts} partition{'s' if parts != 1 else ''}" if parts else ""))
     return entries
 
 

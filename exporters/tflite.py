@@ -289,10 +289,23 @@ def export_tflite(onnx_path: Path, out_path: Path, *, io: str = "int8", calibrat
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(tflite)
     return {**io_details(out_path), "ops": info["ops"], "lut_layers": lut_layers, "lut_form": lut_form,
-            "lut_ops": lut_ops, "lut_pools": pools,
+            "lut_ops": lut_ops, "lut_pools": pools, "xnnpack_partitions": xnnpack_partitions(tflite),
             "weights": weight_report(proto, tflite),
             "float_check": {**float_check, "seconds": round(t1 - t0, 2)},
             "convert_seconds": round(time.perf_counter() - t1, 2)}
+
+
+def xnnpack_partitions(tflite: bytes) -> int:
+    """How many pieces LiteRT's default XNNPACK delegate takes the model in (DELEGATE nodes): 1
+    when it runs whole; every op it refuses splits the graph and runs in a builtin kernel."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from deploy_kit.native_log import native_stderr_silenced
+
+    interpreter = Interpreter(model_content=bytes(tflite))
+    with native_stderr_silenced():
+        interpreter.allocate_tensors()
+    return sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
 
 
 def check_lut_grid(tflite: bytes, layer_quant: dict[str, ActivationQuant]) -> None:

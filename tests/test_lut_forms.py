@@ -91,8 +91,13 @@ def test_saturate_lut_runs_whole_in_xnnpack_and_select_does_not(lenet_lut_run):
     chain), while LESS/SELECT_V2 stay in LiteRT's builtin kernels."""
     from ai_edge_litert.interpreter import Interpreter
 
+    import json
+
     for form, whole in (("saturate", True), ("select", False)):
         exports, teacher = lenet_lut_run(form)
+        entry = next(a for a in json.loads((exports / "manifest.json").read_text())["artifacts"]
+                     if a["target"] == "tflite" and a["variant"] == "lut")
+        assert (entry["xnnpack_partitions"] == 1) == whole, entry["xnnpack_partitions"]  # select: 5 on LeNet5
         data = (exports / TARGETS["tflite"].path("lut")).read_bytes()
         for layer in teacher.layer_quant:
             model, ops = tflite.lut_submodel(data, *tflite.lut_tensors(Interpreter(model_content=data), layer))
