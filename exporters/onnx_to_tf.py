@@ -676,7 +676,6 @@ def _saturate(x, lut: LayerLUT, quant: ActivationQuant):
 
 
 LOWERINGS = {"select": _select, "minmax": _minmax, "saturate": _saturate}
-BRANCH_FREE = {form: LOWERINGS[form] for form in ("minmax", "saturate")}
 
 
 def lut(node: Node, inputs: list):
