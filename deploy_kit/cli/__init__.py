@@ -48,6 +48,15 @@ def json_option(f):
                         help="Print one JSON summary object on stdout (human output goes to stderr).")(f)
 
 
+def say_skipped_runtimes() -> None:
+    """One line when an installed runtime cannot run here (tflite-runtime next to numpy 2)."""
+    from deploy_kit.runners import tflite_runtime_status
+
+    _, why = tflite_runtime_status()
+    if why:
+        say(f"note: {why}")
+
+
 def emit(summary: dict) -> None:
     """Print the --json summary, if asked for."""
     ctx = click.get_current_context()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from deploy_kit.cli import emit, handle_errors, json_option, say
+from deploy_kit.cli import emit, handle_errors, json_option, say, say_skipped_runtimes
 
 
 @click.command("bench")
@@ -34,15 +34,12 @@ def command(exports, warmup, repeats, repeats32, rounds, threads, seed, float_ba
       deploykit bench --exports runs/lenet5/exports
     """
     from deploy_kit.bench import BENCH_MD, BenchConfig, bench_exports
-    from deploy_kit.runners import tflite_runtime_status
 
     cfg = BenchConfig(exports=exports, warmup=warmup, repeats=repeats, repeats32=repeats32, rounds=rounds,
                       threads=threads, seed=seed, float_baseline=float_baseline)
     report = bench_exports(cfg)
     say((Path(exports) / BENCH_MD).read_text().rstrip())
-    _, skipped = tflite_runtime_status()
-    if skipped:
-        say(f"note: {skipped}")
+    say_skipped_runtimes()
     say(f"→ {Path(exports) / 'bench.json'}, {Path(exports) / BENCH_MD}")
     keys = ("runtime", "variant", "latency_ms_p50", "latency_ms_p90", "throughput_ips", "bytes")
     emit({"rows": [{k: r[k] for k in keys} for r in report["rows"]]})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from deploy_kit.cli import emit, handle_errors, json_option, say
+from deploy_kit.cli import emit, handle_errors, json_option, say, say_skipped_runtimes
 
 
 def _size(n: int) -> str:
@@ -65,7 +65,6 @@ def command(exports, data, split, max_drop, min_agreement, localize, threads, as
       deploykit verify --exports runs/lenet5/exports
       deploykit verify --exports runs/lenet5/exports --min-agreement 99.5 --localize
     """
-    from deploy_kit.runners import tflite_runtime_status
     from deploy_kit.verify import VerifyConfig, VERIFY_NAME, verify_exports
 
     cfg = VerifyConfig(exports=exports, data=data, split=split, max_drop=max_drop, min_agreement=min_agreement,
@@ -78,9 +77,7 @@ def command(exports, data, split, max_drop, min_agreement, localize, threads, as
         if row.localize:
             for line in render_localize(row):
                 say(line)
-    _, skipped = tflite_runtime_status()
-    if skipped:
-        say(f"note: {skipped}")
+    say_skipped_runtimes()
     say(f"{'PASSED' if report.passed else 'FAILED'} → {Path(exports) / VERIFY_NAME}")
     emit(report.summary())
     report.raise_for_failures()
