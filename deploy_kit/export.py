@@ -24,6 +24,7 @@ from deploy_kit.fsutil import atomic_dir, check_writable, write_json
 from deploy_kit.lut import LayerLUT
 from deploy_kit.native_log import native_stderr_silenced
 from deploy_kit.result import SearchResult, check_against_teacher, load_result
+from deploy_kit.student import load_student
 from deploy_kit.teacher import Teacher, load_teacher
 
 IO_CHOICES = ("int8", "float")
@@ -90,12 +91,13 @@ def _check_out_dir(out: Path, force: bool) -> None:
         raise ConfigError(f"cannot write to {existing}: permission denied; choose another --out")
 
 
-def _onnx_variants(teacher: Teacher, luts: dict[str, LayerLUT], layer_quant) -> dict:
-    """{"lut": rewritten graph, "relu": plain teacher graph}, both checked."""
+def _onnx_variants(teacher: Teacher, student: Teacher | None, luts: dict[str, LayerLUT], layer_quant) -> dict:
+    """{"lut": rewritten graph, "relu": plain teacher graph}, both checked. The LUT graph carries
+    the fine-tuned student's weights when result.json names one, else the teacher's."""
     from exporters import onnx_graph
 
     relu = onnx_graph.teacher_graph(teacher)
-    lut = onnx_graph.rewrite_activations(relu, luts, layer_quant)
+    lut = onnx_graph.rewrite_activations(onnx_graph.teacher_graph(student) if student else relu, luts, layer_quant)
     return {"lut": onnx_graph.check(lut), "relu": onnx_graph.check(relu)}
 
 
@@ -142,20 +144,22 @@ def export(cfg: ExportConfig, progress: Callable[[str], None] = lambda _msg: Non
     result = load_result(cfg.result_path)
     teacher = resolve_teacher(result, cfg.teacher_path)
     lut_quant = check_against_teacher(result, teacher)
+    student = load_student(result, teacher)
     out = cfg.out_dir
     _check_out_dir(out, cfg.force)
 
     seed = teacher.meta["seed"] if cfg.calibration_seed is None else cfg.calibration_seed
     calibration, calib_record = (calibration_set(teacher, cfg.calibration_images, seed)
                                  if any(t.calibrated for t in targets) else (None, None))
-    manifest = mf.base_manifest(teacher, result, result.layers, lut_quant, out, cfg.io, calib_record, cfg.lut_form)
+    manifest = mf.base_manifest(teacher, result, result.layers, lut_quant, out, cfg.io, calib_record, cfg.lut_form,
+                                student)
     manifest["reference"] = {"float_onnx_bytes": onnx_graph.float_graph(teacher).ByteSize()}
     options = {"io": cfg.io, "calibration": calibration, "layer_quant": teacher.layer_quant, "lut_form": cfg.lut_form}
     # The ONNX graph is the source of every target, so it is always written and listed.
     steps = [TARGETS["onnx"]] + [t for t in targets if t.name != "onnx"]
     try:
         with atomic_dir(out, cfg.force) as tmp:
-            for variant, proto in _onnx_variants(teacher, result.layers, lut_quant).items():
+            for variant, proto in _onnx_variants(teacher, student, result.layers, lut_quant).items():
                 onnx_graph.set_metadata(proto, mf.onnx_metadata(manifest, variant))
                 manifest["artifacts"] += _export_variant(tmp, variant, proto, steps, options, progress)
             write_json(tmp / mf.MANIFEST_NAME, manifest)

@@ -89,14 +89,22 @@ def lut_float_numpy(x: np.ndarray, lut: LayerLUT, quant: ActivationQuant) -> np.
 
 
 class LUTActivation(torch.nn.Module):
-    """The half-code form in PyTorch, installed at a model's `Tap` to make the student."""
+    """The half-code form in PyTorch, installed at a model's `Tap` to make the student.
 
-    def __init__(self, lut: LayerLUT, quant: ActivationQuant):
+    With `straight_through` (fine-tuning, in training mode) the forward is the same staircase
+    and the backward is the identity: the staircase's own gradient is zero almost everywhere,
+    so without it nothing upstream of a LUT would learn (the straight-through estimator that
+    fake-quant training uses for rounding)."""
+
+    def __init__(self, lut: LayerLUT, quant: ActivationQuant, straight_through: bool = False):
         super().__init__()
-        self.lut, self.quant = lut, quant
+        self.lut, self.quant, self.straight_through = lut, quant, straight_through
         self.register_buffer("th", torch.from_numpy(lut.thresholds(quant)), persistent=False)
         self.register_buffer("lv", torch.from_numpy(lut.levels(quant)), persistent=False)
 
     def forward(self, x):
         th, lv = self.th, self.lv
-        return torch.where(x < th[0], lv[0], torch.where(x < th[1], lv[1], torch.where(x < th[2], lv[2], x)))
+        y = torch.where(x < th[0], lv[0], torch.where(x < th[1], lv[1], torch.where(x < th[2], lv[2], x)))
+        if self.straight_through and self.training and torch.is_grad_enabled():
+            return x + (y - x).detach()
+        return y

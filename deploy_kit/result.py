@@ -7,6 +7,8 @@ and every error names the file, the layer and the broken rule.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +31,8 @@ class SearchResult:
     teacher: dict = field(default_factory=dict)  # {"path": ..., "sha256": ...}
     search: dict = field(default_factory=dict)  # method, budget, seed, reward weights, ...
     candidates: list = field(default_factory=list)
+    student: dict = field(default_factory=dict)  # {"path", "sha256", "metrics"} once `deploykit finetune` ran
+    digest: str = ""  # content_digest of the file as read
     path: Path | None = None
 
     def to_json(self) -> dict:
@@ -45,7 +49,18 @@ class SearchResult:
             out["search"] = self.search
         if self.candidates:
             out["candidates"] = self.candidates
+        if self.student:
+            out["student"] = self.student
         return out
+
+
+def content_digest(obj: dict) -> str:
+    """sha256 of result.json's content without its `student` entry (canonical JSON). A fine-tuned
+    student records it: `finetune` adds the `student` entry to the same file afterwards, so a
+    hash of the whole file could not be in both. Any edit to the codes, grids or search record
+    changes it."""
+    body = {k: v for k, v in obj.items() if k != "student"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _fail(where: str, message: str) -> ConfigError:
@@ -101,7 +116,17 @@ def parse_result(obj, where: str = "result.json") -> SearchResult:
     return SearchResult(model=obj["model"], layers=layers, quant=quant, backend=obj.get("backend", "fbgemm"),
                         selection=obj.get("selection", ""), metrics=obj.get("metrics") or {},
                         teacher=obj.get("teacher") or {}, search=obj.get("search") or {},
-                        candidates=obj.get("candidates") or [])
+                        candidates=obj.get("candidates") or [], student=_student_entry(where, obj.get("student")),
+                        digest=content_digest(obj))
+
+
+def _student_entry(where: str, entry) -> dict:
+    if entry is None:
+        return {}
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("sha256"), str):
+        raise _fail(where, "\"student\" must be an object with \"path\" and \"sha256\" strings (written by "
+                           "`deploykit finetune`); remove it to use the teacher's weights")
+    return entry
 
 
 def load_result(path: Path) -> SearchResult:

@@ -109,10 +109,12 @@ class TeacherRunner(_TorchRunner):
 
 
 class StudentRunner(_TorchRunner):
-    """The teacher with the LUT installed at each tap: what every export must reproduce."""
+    """The teacher — or the fine-tuned student's weights (`deploy_kit.student.load_student`) — with
+    the LUT installed at each tap: what every export must reproduce."""
 
     def __init__(self, teacher, luts: dict[str, LayerLUT]):
-        super().__init__(teacher.student(luts), "pytorch-student", f"{teacher.weights_path.name}+LUT",
+        name = "pytorch-student (fine-tuned)" if "student" in teacher.meta else "pytorch-student"
+        super().__init__(teacher.student(luts), name, f"{teacher.weights_path.name}+LUT",
                          _file_bytes(teacher.weights_path), teacher.layer_quant)
 
 
@@ -534,6 +536,31 @@ def load_manifest_teacher(manifest: dict, exports_dir: Path):
         raise ConfigError(f"{MANIFEST_NAME}: exported from teacher sha256 {ref['sha256'][:12]}…, but "
                           f"{teacher.weights_path} is {teacher.sha256[:12]}…; pass the matching teacher or re-export")
     return teacher
+
+
+def load_manifest_student(manifest: dict, exports_dir: Path, teacher):
+    """The weights the LUT artifacts were exported with: the fine-tuned student the manifest
+    records (checked against its sha256s and its teacher), else the teacher itself."""
+    from deploy_kit.errors import CheckpointError
+    from deploy_kit.result import load_result
+    from deploy_kit.student import load_student
+
+    ref = manifest.get("student")
+    if ref is None:
+        return teacher
+    if not isinstance(ref, dict) or not isinstance(ref.get("path"), str):
+        raise ConfigError(f"{MANIFEST_NAME}: \"student\" must be an object with a \"path\"; re-run `deploykit export`")
+    result_ref = manifest.get("result") or {}
+    if not isinstance(result_ref.get("path"), str):
+        raise ConfigError(f"{MANIFEST_NAME}: a fine-tuned student needs its result.json recorded; re-run `deploykit export`")
+    result_path = Path(exports_dir) / result_ref["path"]
+    if result_ref.get("sha256") and (not result_path.is_file() or sha256_file(result_path) != result_ref["sha256"]):
+        raise ConfigError(f"{MANIFEST_NAME}: {result_path} is missing or changed since export (sha256); "
+                          "re-run `deploykit export --force`")
+    student = load_student(load_result(result_path), teacher)
+    if student is None or student.sha256 != ref.get("weights_sha256"):
+        raise CheckpointError(f"{MANIFEST_NAME}: the student weights differ from those exported; re-run `deploykit export --force`")
+    return student
 
 
 if __name__ == "__main__":

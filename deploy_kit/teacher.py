@@ -58,10 +58,11 @@ class Teacher:
         return model
 
 
-def install_luts(model: ZooModel, luts: dict[str, LayerLUT], layer_quant: dict[str, ActivationQuant]) -> None:
+def install_luts(model: ZooModel, luts: dict[str, LayerLUT], layer_quant: dict[str, ActivationQuant],
+                 straight_through: bool = False) -> None:
     """Set (or clear, for layers not in `luts`) the LUT at every tap of `model`, in place."""
     for name, tap in model.taps().items():
-        tap.fn = LUTActivation(luts[name], layer_quant[name]) if name in luts else None
+        tap.fn = LUTActivation(luts[name], layer_quant[name], straight_through) if name in luts else None
 
 
 def state_dict_for_save(model: ZooModel) -> dict[str, torch.Tensor]:
@@ -108,6 +109,12 @@ def load_teacher(path: Path, expect_model: str | None = None) -> Teacher:
         raise CheckpointError(f"{weights} is missing; the sidecar {sidecar} needs it")
     if sha256_file(weights) != meta.get("weights_sha256"):
         raise CheckpointError(f"{weights} does not match the sha256 in {sidecar}; the file changed or is corrupt — re-run `deploykit train`")
+    return Teacher(load_qat_weights(meta, weights), meta, weights)
+
+
+def load_qat_weights(meta: dict, weights: Path) -> ZooModel:
+    """The frozen QAT model of `meta`'s architecture with `weights` (a teacher's or a fine-tuned
+    student's safetensors), in eval and the runtime arithmetic."""
     model = quant.qat_model(build_model(meta["model"], tuple(meta["input_shape"]), len(meta["classes"]), meta["width"]))
     try:
         state = load_file(str(weights))
@@ -116,4 +123,4 @@ def load_teacher(path: Path, expect_model: str | None = None) -> Teacher:
         first = str(exc).strip().splitlines()[0][:200]
         raise CheckpointError(f"{weights} does not fit a {meta['model']} (width {meta['width']}): {first}") from None
     quant.disable_observers(model)
-    return Teacher(model.eval(), meta, weights)
+    return model.eval()

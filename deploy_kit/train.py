@@ -33,6 +33,9 @@ class TrainConfig:
     lr: float = 2e-3
     qat_lr: float = 2e-4
     augment: bool = True
+    # Random horizontal flips (per image) on top of the shifts: right for natural images
+    # (CIFAR-10: +several points), wrong for digits and text, so it is opt-in.
+    hflip: bool = False
     seed: int = 0
     backend: str = "qnnpack"
     max_train: int | None = None  # cap on training images, for quick runs
@@ -79,12 +82,17 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return round(100.0 * float((logits.argmax(1) == labels).mean()), 2)
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random translation by up to `pad` pixels (edge-replicate padding, random crop), one shift per batch."""
+def augment(x: torch.Tensor, gen: torch.Generator, hflip: bool = False, pad: int = 2) -> torch.Tensor:
+    """Random translation by up to `pad` pixels (edge-replicate padding, random crop), one shift per
+    batch; with `hflip`, each image is also mirrored with probability ½."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
     dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
-    return padded[:, :, dy:dy + h, dx:dx + w]
+    x = padded[:, :, dy:dy + h, dx:dx + w]
+    if hflip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+    return x
 
 
 # OneCycleLR divides by the length of its warm-up phase minus one: 0.2 × steps must reach 2.
@@ -111,7 +119,7 @@ def _run_epochs(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, ep
         seen = correct = total_loss = 0
         for x, y in batches(shuffled, ds, cfg.batch_size):
             if cfg.augment:
-                x = _augment(x, gen)
+                x = augment(x, gen, cfg.hflip)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)

@@ -303,7 +303,7 @@ def verify_exports(cfg: VerifyConfig, progress: bool = True) -> VerifyReport:
     luts, _ = rn.manifest_luts(manifest)
     spec, split = load_split(cfg, manifest, teacher)
     x = normalize(split.images, teacher.norm)
-    student = rn.StudentRunner(teacher, luts)
+    student = rn.StudentRunner(rn.load_manifest_student(manifest, exports, teacher), luts)
     refs, rows = reference_rows(teacher, student, x, split.labels)
 
     jobs = [(a, runtime) for a in ordered(items) for runtime in rn.runtimes_for(a)]

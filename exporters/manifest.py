@@ -52,11 +52,13 @@ def layers_entry(luts: dict[str, LayerLUT], layer_quant: dict[str, ActivationQua
 
 
 def base_manifest(teacher, result, luts: dict[str, LayerLUT], layer_quant: dict[str, ActivationQuant],
-                  out_dir: Path, io: str, calibration: dict | None, lut_form: str = "select") -> dict:
+                  out_dir: Path, io: str, calibration: dict | None, lut_form: str = "select", student=None) -> dict:
     """Everything but the artifacts: what the exports were made from and how to feed them.
-    `lut_form` is how the TFLite files lower each LUT (ONNX/ORT always hold Less/Where)."""
+    `lut_form` is how the TFLite files lower each LUT (ONNX/ORT always hold Less/Where).
+    `student` (a fine-tuned student, `deploy_kit.student.load_student`) is recorded when the
+    LUT variant carries its weights; the relu/ variant is always the teacher's."""
     sidecar = teacher.weights_path.with_name("teacher.json")
-    return {
+    base = {
         "schema": SCHEMA, "model": teacher.arch, "width": teacher.meta.get("width"), "data": teacher.meta["data"],
         "seed": teacher.meta["seed"], "classes": list(teacher.meta["classes"]), "preprocessing": preprocessing(teacher),
         "input_quant": teacher.meta.get("input_quant"), "output_quant": teacher.meta.get("output_quant"),
@@ -65,6 +67,11 @@ def base_manifest(teacher, result, luts: dict[str, LayerLUT], layer_quant: dict[
         "layers": layers_entry(luts, layer_quant), "io": io, "lut_form": lut_form, "calibration": calibration, "tools": tool_versions(),
         "artifacts": [],
     }
+    if student is not None:
+        s_sidecar = student.weights_path.with_name("student.json")
+        base["student"] = {"path": _relative(s_sidecar, out_dir), "sha256": sha256_file(s_sidecar),
+                           "weights_sha256": student.sha256}
+    return base
 
 
 def artifact_entry(target, variant: str, rel_path: str, file: Path, details: dict) -> dict:
@@ -81,6 +88,8 @@ def onnx_metadata(base: dict, variant: str) -> dict[str, str]:
     props[f"{METADATA_PREFIX}teacher_sha256"] = base["teacher"]["sha256"]
     props[f"{METADATA_PREFIX}result_sha256"] = base["result"]["sha256"]
     props[f"{METADATA_PREFIX}variant"] = variant
+    if variant == "lut" and "student" in base:  # the weights are the fine-tuned student's
+        props[f"{METADATA_PREFIX}student_weights_sha256"] = base["student"]["weights_sha256"]
     if variant == "relu":  # the plain teacher: no layer is approximated in this file
         props[f"{METADATA_PREFIX}layers"] = "{}"
     return props

@@ -20,7 +20,7 @@ import click
 from deploy_kit import __version__
 from deploy_kit.errors import DeployKitError
 
-COMMANDS = ("train", "search", "export", "verify", "bench", "report", "demo")
+COMMANDS = ("train", "search", "finetune", "export", "verify", "bench", "report", "demo")
 
 
 def quiet_third_party() -> None:
@@ -112,6 +112,7 @@ def main():
     Pipeline (each stage reads the previous stage's output folder):
       deploykit train  --model lenet5 --data digits --out runs/x     INT8 QAT teacher
       deploykit search --teacher runs/x --out runs/x/result.json      per-layer LUT codes (PPO)
+      deploykit finetune --config runs/x/result.json                  student weights trained with the LUTs
       deploykit export --config runs/x/result.json --target all       ONNX, ORT Mobile, TFLite INT8
       deploykit verify --exports runs/x/exports                       every runtime vs the student
       deploykit bench  --exports runs/x/exports                       size and latency

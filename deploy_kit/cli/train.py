@@ -22,6 +22,8 @@ from deploy_kit.quant import BACKENDS
 @click.option("--qat-epochs", default=8, show_default=True, help="Quantization-aware fine-tuning epochs.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate of float training (Adam, one-cycle).")
+@click.option("--hflip", is_flag=True,
+              help="Also mirror images left-right at random (natural images such as CIFAR-10; not for digits).")
 @click.option("--max-train", type=int, default=None, help="Use only the first N training images (quick runs).")
 @click.option("--backend", default="qnnpack", show_default=True, type=click.Choice(BACKENDS),
               help="Quantized engine the INT8 PyTorch model is converted for.")
@@ -31,7 +33,7 @@ from deploy_kit.quant import BACKENDS
 @click.option("--force", is_flag=True, help="Overwrite an existing teacher in --out.")
 @json_option
 @handle_errors
-def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, max_train, backend, threads, seed, force, as_json):
+def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, hflip, max_train, backend, threads, seed, force, as_json):
     """Train a float model, fine-tune it with INT8 QAT, convert it to INT8 and evaluate.
 
     Writes OUT/teacher.safetensors and OUT/teacher.json (architecture, labels, preprocessing,
@@ -46,7 +48,7 @@ def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, max_trai
 
     cfg = TrainConfig(model=arch, data=data, width=width, epochs=epochs, qat_epochs=qat_epochs,
                       batch_size=batch_size, lr=lr, seed=seed, backend=backend, max_train=max_train,
-                      threads=threads)
+                      threads=threads, hflip=hflip)
     meta = train_teacher(cfg, out, force=force)
     acc = meta["accuracy"]
     say(f"{arch} on {data}: {meta['seconds']:.1f}s, {meta['images_per_s']:.0f} img/s")

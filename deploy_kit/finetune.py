@@ -1,0 +1,368 @@
+"""The finetune stage: train the student's weights with its LUTs in place, distilled from the
+frozen INT8 teacher.
+
+    outcome = finetune(FinetuneConfig(result_path=Path("runs/x/result.json"), epochs=8))
+
+The search picks codes for weights that were trained for a ReLU; the staircase then throws away
+what those weights put between its steps. Fine-tuning is the QAT of the approximation:
+
+  - the student starts from the teacher's QAT weights with the LUT at each tap, straight-through
+    in the backward pass (`LUTActivation.straight_through`);
+  - every activation grid (scale, zero point) is frozen at the teacher's, so each code of
+    result.json keeps its meaning; weight scales follow the weights (max|w|/127 per channel,
+    re-derived every step and once more at the end, exactly as `train`'s `quant.freeze` does);
+  - loss = kd·KL_T(teacher ‖ student)·T² + ce·CE(labels) + at·AT (attention transfer at the taps,
+    the search's reward terms), against the teacher on the same augmented batch;
+  - after every epoch the frozen student is evaluated in the runtime arithmetic on the
+    validation split, and the epoch kept is the best one there (epoch 0, the untouched student,
+    included: fine-tuning never makes a result worse on validation). The test split is measured
+    once, for the kept epoch.
+
+Writes student.safetensors + student.json next to result.json and records the student (path,
+sha256, metrics) in result.json's `student` entry; export, verify and report then use it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from deploy_kit import quant
+from deploy_kit.data import Dataset, Split, load_dataset
+from deploy_kit.device import check_device_name, resolve_device
+from deploy_kit.errors import ConfigError
+from deploy_kit.fsutil import atomic_path, check_writable, read_json, write_json
+from deploy_kit.lut import LayerLUT
+from deploy_kit.models import ZooModel
+from deploy_kit.result import SearchResult, check_against_teacher, load_result
+from deploy_kit.search.reward import attention_map
+from deploy_kit.student import SIDECAR_NAME, WEIGHTS_NAME, relative, save_student
+from deploy_kit.teacher import Teacher, install_luts
+from deploy_kit.train import accuracy, augment, batches, predict, seed_everything, torch_threads, versions
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    result_path: Path
+    teacher_path: Path | None = None  # default: result.json's `teacher.path`
+    epochs: int = 8
+    lr: float = 5e-4  # peak Adam learning rate; cosine decay to 0 over the epochs
+    batch_size: int = 64
+    temperature: float = 2.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.5
+    at_weight: float = 100.0  # the search reward's λ (AT values are ~1e-4..1e-2)
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 1
+    max_train: int | None = None  # cap on training images, for quick runs
+    out: Path | None = None  # folder of student.*; default: result.json's folder
+    force: bool = False
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.batch_size < 1 or self.threads < 1:
+            raise ConfigError(f"need --lr > 0, --batch-size >= 1 and --threads >= 1, got {self.lr}, "
+                              f"{self.batch_size}, {self.threads}")
+        weights = (self.kd_weight, self.ce_weight, self.at_weight)
+        if not self.temperature > 0 or not all(w >= 0 and math.isfinite(w) for w in weights) or not any(weights):
+            raise ConfigError(f"need --temperature > 0 and --kd-weight/--ce-weight/--at-weight >= 0 (not all 0), got "
+                              f"{self.temperature}, {self.kd_weight}, {self.ce_weight}, {self.at_weight}")
+        if self.max_train is not None and self.max_train < 1:
+            raise ConfigError(f"--max-train must be >= 1, got {self.max_train}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be in 0..2^63-1, got {self.seed}")
+        check_device_name(self.device)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path(self.result_path).parent
+
+    def recipe(self) -> dict:
+        keys = ("epochs", "lr", "batch_size", "temperature", "kd_weight", "ce_weight", "at_weight", "seed", "max_train")
+        d = {k: v for k, v in asdict(self).items() if k in keys}
+        return {**d, "optimizer": "adam", "schedule": "cosine", "selection": "best val accuracy (then lowest val KL), epoch 0 included"}
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    loss: float | None  # mean training loss; None for epoch 0 (no training)
+    val_acc: float
+    val_kl: float
+    seconds: float
+
+
+@dataclass
+class FinetuneOutcome:
+    sidecar: Path
+    result_path: Path
+    meta: dict
+    seconds: float
+
+    def summary(self) -> dict:
+        a = self.meta["accuracy"]
+        return {"student": str(self.sidecar), "result": str(self.result_path), "epoch": self.meta["chosen_epoch"],
+                "acc_teacher": a["teacher"]["test"], "acc_student_before": a["before"]["test"],
+                "acc_student": a["after"]["test"], "acc_drop": round(a["teacher"]["test"] - a["after"]["test"], 2),
+                "images_per_s": self.meta["images_per_s"], "seconds": round(self.seconds, 2)}
+
+
+# ----------------------------------------------------------------------------- the training pieces
+
+class TapRecorder:
+    """Collects each tap's output of one forward pass (the attention-transfer features)."""
+
+    def __init__(self, model: ZooModel, layers: list[str]):
+        self.seen: dict[str, torch.Tensor] = {}
+        taps = model.taps()
+        self.hooks = [taps[n].register_forward_hook(lambda m, i, o, n=n: self.seen.__setitem__(n, o)) for n in layers]
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        seen, self.seen = self.seen, {}
+        return seen
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def distillation_loss(s_logits, t_logits, labels, s_feats: dict, t_feats: dict, cfg: FinetuneConfig) -> torch.Tensor:
+    t = cfg.temperature
+    kd = F.kl_div(F.log_softmax(s_logits / t, 1), F.log_softmax(t_logits / t, 1), reduction="batchmean", log_target=True)
+    loss = cfg.kd_weight * kd * t * t + cfg.ce_weight * F.cross_entropy(s_logits, labels)
+    if cfg.at_weight and t_feats:
+        at = sum((attention_map(s_feats[n]) - attention_map(t_feats[n])).pow(2).mean() for n in t_feats)
+        loss = loss + cfg.at_weight * at / len(t_feats)
+    return loss
+
+
+def follow_weight_scales(model: ZooModel) -> None:
+    """Weight observers forget their running range, so this step's scale is max|w|/127 of the
+    current weights — the scale `quant.freeze` derives at the end."""
+    for m in model.modules():
+        if hasattr(m, "weight_fake_quant"):
+            m.weight_fake_quant.activation_post_process.reset_min_max_vals()
+
+
+def trainable_student(teacher: Teacher, luts: dict[str, LayerLUT], device: torch.device) -> ZooModel:
+    """The teacher's QAT model with straight-through LUTs, activation observers off (grids frozen),
+    weight observers on, in training mode, on `device`."""
+    model = copy.deepcopy(teacher.model)
+    quant.use_runtime_arithmetic(model, on=False)
+    install_luts(model, luts, teacher.layer_quant, straight_through=True)
+    for m in model.modules():
+        if hasattr(m, "weight_fake_quant"):
+            m.weight_fake_quant.enable_observer()
+    return model.to(device).train()
+
+
+def training_teacher(teacher: Teacher, device: torch.device) -> ZooModel:
+    """The teacher as the training target: its fake-quant forward, which runs on any device
+    (the runtime arithmetic is a CPU evaluation path). Same weights and grids."""
+    return quant.use_runtime_arithmetic(copy.deepcopy(teacher.model), on=False).to(device).eval()
+
+
+def frozen_student(model: ZooModel, teacher: Teacher, luts: dict[str, LayerLUT]) -> ZooModel:
+    """A CPU copy frozen like `train` freezes (weight scales re-derived, observers off, runtime
+    arithmetic), with the plain LUTs: the model export and verify use."""
+    frozen = copy.deepcopy(model).cpu().eval()
+    for m in frozen.modules():
+        m._forward_hooks.clear()  # a deep copy keeps the training loop's TapRecorder hooks
+    quant.freeze(frozen)
+    install_luts(frozen, luts, teacher.layer_quant)
+    return frozen.eval()
+
+
+def _kl(t_logits: np.ndarray, s_logits: np.ndarray, temperature: float) -> float:
+    t, s = torch.from_numpy(t_logits) / temperature, torch.from_numpy(s_logits) / temperature
+    return float(F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), reduction="batchmean", log_target=True)) * temperature ** 2
+
+
+def layer_distances(model: ZooModel, teacher: Teacher, split: Split, ds: Dataset, layers: list[str]) -> dict[str, float]:
+    """Attention-transfer distance to the teacher per spatial tap, on `split` (runtime arithmetic)."""
+    out = {n: 0.0 for n in layers}
+    rec_s, rec_t = TapRecorder(model, layers), TapRecorder(teacher.model, layers)
+    try:
+        with torch.no_grad():
+            for x, _ in batches(split, ds, 256):
+                model(x), teacher.model(x)
+                s, t = rec_s.pop(), rec_t.pop()
+                for n in layers:
+                    out[n] += float((attention_map(s[n]) - attention_map(t[n])).pow(2).mean(1).sum())
+    finally:
+        rec_s.close(), rec_t.close()
+    return {n: v / len(split) for n, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+@dataclass(frozen=True)
+class _Inputs:
+    result: SearchResult
+    raw: dict
+    teacher: Teacher
+    luts: dict[str, LayerLUT]
+    sidecar: Path
+    weights: Path
+
+
+def prepare(cfg: FinetuneConfig) -> _Inputs:
+    """Read and check every input, and claim every output, before any work."""
+    from deploy_kit.export import resolve_teacher
+
+    result = load_result(cfg.result_path)
+    teacher = resolve_teacher(result, cfg.teacher_path)
+    check_against_teacher(result, teacher)
+    out = cfg.out_dir
+    sidecar, weights = out / SIDECAR_NAME, out / WEIGHTS_NAME
+    for path in (sidecar, weights):
+        check_writable(path, cfg.force)
+    if result.student and not cfg.force:
+        raise ConfigError(f"{result.path}: already names a fine-tuned student ({result.student['path']}); "
+                          "pass --force to fine-tune again and replace it")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; finetune writes a folder")
+    raw = read_json(result.path, ConfigError, label=result.path.name)
+    return _Inputs(result, raw, teacher, dict(result.layers), sidecar, weights)
+
+
+def finetune(cfg: FinetuneConfig, progress: Callable[[str], None] = lambda _m: None) -> FinetuneOutcome:
+    inputs = prepare(cfg)
+    device = resolve_device(cfg.device)
+    with torch_threads(cfg.threads):
+        return _finetune(cfg, inputs, device, progress)
+
+
+def _finetune(cfg: FinetuneConfig, inp: _Inputs, device: torch.device, progress) -> FinetuneOutcome:
+    start = time.perf_counter()
+    seed_everything(cfg.seed)
+    teacher, luts = inp.teacher, inp.luts
+    ds = load_dataset(teacher.meta["data"], teacher.meta["seed"])
+    train = ds.split("train")
+    if cfg.max_train:
+        train = Split(train.images[:cfg.max_train], train.labels[:cfg.max_train])
+    val = ds.split("val")
+    at_layers = _spatial_taps(teacher, list(luts))
+    t_val = predict(teacher.model, val, ds)
+
+    def evaluate(model: ZooModel) -> tuple[float, float, np.ndarray]:
+        logits = predict(model, val, ds)
+        return accuracy(logits, val.labels), round(_kl(t_val, logits, cfg.temperature), 6), logits
+
+    before = frozen_student(trainable_student(teacher, luts, torch.device("cpu")), teacher, luts)
+    acc0, kl0, _ = evaluate(before)
+    history = [EpochRecord(0, None, acc0, kl0, 0.0)]
+    best = (acc0, -kl0, 0, before)
+    progress(f"epoch 0 (the searched student, teacher weights): val accuracy {acc0:.2f}%, val KL {kl0:.4f}")
+
+    student, target = trainable_student(teacher, luts, device), training_teacher(teacher, device)
+    rec_s, rec_t = TapRecorder(student, at_layers), TapRecorder(target, at_layers)
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    aug = teacher.meta.get("config", {})
+    trained = 0
+    try:
+        for epoch in tqdm(range(1, cfg.epochs + 1), desc="finetune", unit="epoch", leave=False, dynamic_ncols=True):
+            t0 = time.perf_counter()
+            loss_sum = _train_epoch(student, target, rec_s, rec_t, train, ds, opt, sched, gen, cfg, aug, device)
+            trained += len(train)
+            frozen = frozen_student(student, teacher, luts)
+            acc, kl, _ = evaluate(frozen)
+            history.append(EpochRecord(epoch, round(loss_sum / len(train), 6), acc, kl, round(time.perf_counter() - t0, 2)))
+            if (acc, -kl) > best[:2]:
+                best = (acc, -kl, epoch, frozen)
+            progress(f"epoch {epoch}/{cfg.epochs}: loss {loss_sum / len(train):.4f}, val accuracy {acc:.2f}%, "
+                     f"val KL {kl:.4f} ({time.perf_counter() - t0:.1f}s)")
+    finally:
+        rec_s.close(), rec_t.close()
+    train_seconds = sum(r.seconds for r in history)
+    chosen_epoch, chosen = best[2], best[3]
+    meta = _sidecar_meta(cfg, inp, ds, before, chosen, chosen_epoch, history, at_layers, device)
+    meta.update(train_images=len(train), seconds=round(time.perf_counter() - start, 2),
+                images_per_s=round(trained / train_seconds, 1) if train_seconds else None)
+    sidecar, sha = save_student(chosen, meta, cfg.out_dir)
+    result_path = _record_in_result(inp, sidecar, sha, meta)
+    return FinetuneOutcome(sidecar, result_path, meta, time.perf_counter() - start)
+
+
+def _spatial_taps(teacher: Teacher, layers: list[str]) -> list[str]:
+    blocks = teacher.model.blocks()
+    return [n for n in layers if isinstance(blocks[n].op, torch.nn.Conv2d)]
+
+
+def _train_epoch(student, target, rec_s, rec_t, train: Split, ds: Dataset, opt, sched, gen, cfg: FinetuneConfig,
+                 aug: dict, device) -> float:
+    student.train()
+    order = torch.randperm(len(train), generator=gen).numpy()
+    shuffled = Split(train.images[order], train.labels[order])
+    total = 0.0
+    for x, y in batches(shuffled, ds, cfg.batch_size):
+        if aug.get("augment", True):
+            x = augment(x, gen, bool(aug.get("hflip", False)))
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad():
+            t_logits = target(x)
+        t_feats = rec_t.pop()
+        follow_weight_scales(student)
+        s_logits = student(x)
+        loss = distillation_loss(s_logits, t_logits, y, rec_s.pop(), t_feats, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += float(loss) * len(y)
+    return total
+
+
+def _sidecar_meta(cfg: FinetuneConfig, inp: _Inputs, ds: Dataset, before: ZooModel, after: ZooModel, epoch: int,
+                  history: list[EpochRecord], at_layers: list[str], device) -> dict:
+    teacher, out = inp.teacher, cfg.out_dir
+
+    def acc(model, split):
+        s = ds.split(split)
+        return accuracy(predict(model, s, ds), s.labels)
+
+    val = ds.split("val")
+    dist_before = layer_distances(before, teacher, val, ds, at_layers)
+    dist_after = layer_distances(after, teacher, val, ds, at_layers)
+    return {
+        "model": teacher.arch, "width": teacher.meta["width"], "input_shape": teacher.meta["input_shape"],
+        "classes": teacher.meta["classes"], "data": teacher.meta["data"],
+        "teacher": {"path": relative(teacher.weights_path.with_name("teacher.json"), out), "sha256": teacher.sha256},
+        "result": {"path": relative(inp.result.path, out), "digest": inp.result.digest},
+        "layers": {n: lut.to_json() for n, lut in inp.luts.items()},
+        "recipe": cfg.recipe(), "device": str(device), "arithmetic": quant.ARITHMETIC,
+        "chosen_epoch": epoch, "epochs": [asdict(r) for r in history],
+        "accuracy": {"teacher": {s: acc(teacher.model, s) for s in ("val", "test")},
+                     "before": {s: acc(before, s) for s in ("val", "test")},
+                     "after": {s: acc(after, s) for s in ("val", "test")}},
+        "layer_at_distance": {n: {"before": round(dist_before[n], 8), "after": round(dist_after[n], 8)} for n in at_layers},
+        "versions": versions(),
+    }
+
+
+def _record_in_result(inp: _Inputs, sidecar: Path, sha: str, meta: dict) -> Path:
+    """Add (or replace) result.json's `student` entry; the rest of the file is kept as it was."""
+    a = meta["accuracy"]
+    drop = lambda k, s: round(a["teacher"][s] - a[k][s], 2)  # noqa: E731
+    entry = {"path": relative(sidecar, inp.result.path.parent), "sha256": sha,
+             "metrics": {"acc_teacher": a["teacher"]["test"], "acc_student": a["after"]["test"],
+                         "acc_drop": drop("after", "test"), "split": "test", "epoch": meta["chosen_epoch"],
+                         "before": {"acc_student": a["before"]["test"], "acc_drop": drop("before", "test")},
+                         "val": {"acc_teacher": a["teacher"]["val"], "acc_student": a["after"]["val"],
+                                 "acc_drop": drop("after", "val")}}}
+    write_json(inp.result.path, {**inp.raw, "student": entry})
+    return inp.result.path
