@@ -1,4 +1,4 @@
-"""The whole pipeline in one call: train → search → export all → verify → bench → report.
+"""The whole pipeline in one call: train → search → finetune → export all → verify → bench → report.
 
     outcome = run_demo(DemoConfig(out=Path("runs/demo")), progress=print)
 
@@ -18,7 +18,7 @@ from typing import Callable
 
 from deploy_kit.errors import ConfigError, OutputExistsError
 
-STAGES = ("train", "search", "export", "verify", "bench", "report")
+STAGES = ("train", "search", "finetune", "export", "verify", "bench", "report")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class DemoConfig:
     # verify allows 1.0, so the demo buys a lower-KL configuration for ~10 s more (test drop at
     # 300 → 600 evaluations: seed 0 0.84 → 0.56 pt, seed 2 1.39 → 0.83 pt).
     episodes: int = 600
+    # Fine-tuning epochs with the LUTs in place (`deploykit finetune`); 0 skips the stage and
+    # exports the searched student with the teacher's weights.
+    finetune_epochs: int = 8
     lut_form: str = "select"  # how the TFLite export lowers each LUT (`export --lut-form`)
     bench_repeats: int = 100  # timed batch-1 runs per artifact (bench's own default is 200)
     seed: int = 0  # train split/init/order, search agent and sampling, bench inputs
@@ -41,6 +44,8 @@ class DemoConfig:
     def __post_init__(self):
         if self.bench_repeats < 1:
             raise ConfigError(f"--bench-repeats must be >= 1, got {self.bench_repeats}")
+        if self.finetune_epochs < 0:
+            raise ConfigError(f"--finetune-epochs must be >= 0 (0 skips fine-tuning), got {self.finetune_epochs}")
         # The other options are checked by the stage configs built below, before any work.
 
 
@@ -57,6 +62,7 @@ class DemoOutcome:
     stages: list[StageRecord] = field(default_factory=list)
     train: dict | None = None
     search: object | None = None  # SearchOutcome
+    finetune: object | None = None  # FinetuneOutcome, None when skipped
     export: dict | None = None
     verify: object | None = None  # VerifyReport
     bench: dict | None = None
@@ -70,6 +76,7 @@ class DemoOutcome:
         return {"out": str(self.out), "passed": bool(self.verify and self.verify.passed),
                 "seconds": round(self.seconds, 2),
                 "stages": [{"stage": s.name, "seconds": round(s.seconds, 2), "note": s.note} for s in self.stages],
+                "finetune": self.finetune.summary() if self.finetune else None,
                 "verify": self.verify.summary() if self.verify else None,
                 "bench": self.bench["rows"] if self.bench else None,
                 "report": self.report["report"] if self.report else None}
@@ -88,6 +95,7 @@ def _stage_configs(cfg: DemoConfig):
     """Build (and so validate) every stage's config before the first one runs."""
     from deploy_kit.bench import BenchConfig
     from deploy_kit.export import ExportConfig
+    from deploy_kit.finetune import FinetuneConfig
     from deploy_kit.search import SearchConfig
     from deploy_kit.train import TrainConfig
     from deploy_kit.verify import VerifyConfig
@@ -96,6 +104,8 @@ def _stage_configs(cfg: DemoConfig):
     return (TrainConfig(model=cfg.model, data=cfg.data, width=cfg.width, epochs=cfg.epochs,
                         qat_epochs=cfg.qat_epochs, seed=cfg.seed),
             SearchConfig(episodes=cfg.episodes, seed=cfg.seed),
+            (FinetuneConfig(result_path=out / "result.json", epochs=cfg.finetune_epochs, seed=cfg.seed, force=cfg.force)
+             if cfg.finetune_epochs else None),
             ExportConfig(result_path=out / "result.json", targets=("all",), lut_form=cfg.lut_form,
                          force=cfg.force),
             VerifyConfig(exports=out / "exports"),
@@ -108,23 +118,24 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = lambda _msg: Non
     error for bad input; a failed verification is recorded, not raised (see module doc)."""
     from deploy_kit.bench import bench_exports
     from deploy_kit.export import export
+    from deploy_kit.finetune import finetune
     from deploy_kit.report import write_report
     from deploy_kit.search import run_search
     from deploy_kit.train import train_teacher
     from deploy_kit.verify import verify_exports
 
     out = Path(cfg.out)
-    train_cfg, search_cfg, export_cfg, verify_cfg, bench_cfg = _stage_configs(cfg)
+    train_cfg, search_cfg, finetune_cfg, export_cfg, verify_cfg, bench_cfg = _stage_configs(cfg)
     check_run_folder(out, cfg.force)
     outcome = DemoOutcome(out)
 
     def stage(name: str, start_note: str, work: Callable, describe: Callable[[object], str]):
-        progress(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name:<7} {start_note}")
+        progress(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name:<8} {start_note}")
         start = time.perf_counter()
         value = work()
         record = StageRecord(name, time.perf_counter() - start, describe(value))
         outcome.stages.append(record)
-        progress(f"      {name:<7} done in {record.seconds:.1f}s: {record.note}")
+        progress(f"      {name:<8} done in {record.seconds:.1f}s: {record.note}")
         return value
 
     outcome.train = stage(
@@ -136,6 +147,13 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = lambda _msg: Non
         lambda: run_search(out, search_cfg, force=cfg.force, on_evaluation=on_evaluation),
         lambda s: (f"{len(s.result.layers)} layers approximated, student test accuracy "
                    f"{s.result.metrics['acc_student']:.2f}% (drop {s.result.metrics['acc_drop']:.2f} pt)"))
+    if finetune_cfg is not None:
+        outcome.finetune = stage(
+            "finetune", f"{cfg.finetune_epochs} epochs with the LUTs in place, distilled from the teacher",
+            lambda: finetune(finetune_cfg),
+            lambda f: (f"kept epoch {f.meta['chosen_epoch']} (validation), student test accuracy "
+                       f"{f.summary()['acc_student_before']:.2f}% → {f.summary()['acc_student']:.2f}% "
+                       f"(drop {f.summary()['acc_drop']:.2f} pt)"))
     outcome.export = stage(
         "export", f"ONNX, ORT Mobile and TFLite INT8 (LUT form {cfg.lut_form}), LUT and ReLU variants",
         lambda: export(export_cfg, progress=lambda msg: progress(f"        {msg}")),

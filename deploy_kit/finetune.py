@@ -323,7 +323,7 @@ def _train_epoch(student, target, rec_s, rec_t, train: Split, ds: Dataset, opt, 
         loss.backward()
         opt.step()
         sched.step()
-        total += float(loss) * len(y)
+        total += float(loss.detach()) * len(y)
     return total
 
 

@@ -46,6 +46,7 @@ class RunFiles:
     teacher: object | None = None  # deploy_kit.teacher.Teacher
     result: object | None = None  # deploy_kit.result.SearchResult
     logs: dict[str, list[dict]] = field(default_factory=dict)  # label → evaluation entries
+    student: dict | None = None  # student.json of `deploykit finetune`, when result.json names one
     verify: dict | None = None
     bench: dict | None = None
     notes: dict[str, str] = field(default_factory=dict)
@@ -99,6 +100,16 @@ def collect(run_dir: Path) -> RunFiles:
         files.teacher = load_teacher(result_path.parent / teacher_ref if teacher_ref else run_dir)
     except DeployKitError as exc:
         files.notes["teacher"] = str(exc)
+    if files.result is not None and files.result.student and files.teacher is not None:
+        from deploy_kit.student import load_student
+
+        try:
+            files.student = load_student(files.result, files.teacher).meta["student"]
+        except DeployKitError as exc:
+            files.notes["finetune"] = str(exc)
+    elif files.result is not None:
+        files.notes["finetune"] = (f"result.json names no fine-tuned student: `deploykit finetune --config "
+                                   f"{result_path}` trains one.")
     main_log = result_path.with_name("search_log.jsonl")
     for log in sorted(run_dir.rglob("search_log*.jsonl")):
         entries = _read_log(log)
@@ -267,6 +278,9 @@ def header_html(files: RunFiles) -> str:
         if {"acc_teacher", "acc_student"} <= set(m):
             facts.append(f"test accuracy teacher {_e(m['acc_teacher'])}% → student {_e(m['acc_student'])}% "
                          f"(drop {_e(m.get('acc_drop'))} points)")
+        fm = (r.student or {}).get("metrics") or {}
+        if "acc_student" in fm:
+            facts.append(f"after fine-tuning: student {_e(fm['acc_student'])}% (drop {_e(fm.get('acc_drop'))} points)")
     parts += [f'<p class="meta">{f}</p>' for f in facts]
     return "\n".join(parts)
 
@@ -302,6 +316,44 @@ def layers_html(files: RunFiles) -> str:
         caption = f"{name}: t1={lut.t1} v1={lut.v1} t2={lut.t2} v2={lut.v2} tmax={lut.tmax}, scale {q.scale:.4g}{share}"
         out.append(f'<figure class="layer" id="layer-{_e(name)}">{_img(layer_figure(name, lut, q, hists.get(name)), name)}'
                    f"<figcaption>{_e(caption)}</figcaption></figure>")
+    return "\n".join(out)
+
+
+def finetune_figure(epochs: list[dict]) -> str:
+    fig = _figure(6.4, 2.6)
+    ax = fig.add_subplot()
+    xs = [e["epoch"] for e in epochs]
+    ax.plot(xs, [e["val_acc"] for e in epochs], marker="o", color="#1f77b4", label="val accuracy %")
+    ax.set_xlabel("epoch (0 = searched student, teacher weights)")
+    ax.set_ylabel("val accuracy %")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [e["val_kl"] for e in epochs], marker="s", color="#d62728", label="val KL to teacher")
+    ax2.set_ylabel("val KL")
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def finetune_html(files: RunFiles) -> str:
+    out = ["<h2>Fine-tuning</h2>"]
+    st = files.student
+    if st is None:
+        return "\n".join(out + [_note(files.notes.get("finetune", "no fine-tuned student"))])
+    a, r = st["accuracy"], st.get("recipe", {})
+    out.append(f"<p>{_e(len(st['epochs']) - 1)} epochs, kept epoch <b>{_e(st['chosen_epoch'])}</b> (best on validation); "
+               f"loss {_e(r.get('kd_weight'))}·KL(T={_e(r.get('temperature'))}) + {_e(r.get('ce_weight'))}·CE + "
+               f"{_e(r.get('at_weight'))}·AT, Adam lr {_e(r.get('lr'))} cosine, seed {_e(r.get('seed'))}, "
+               f"{_e(st.get('images_per_s'))} img/s on {_e(st.get('device'))}.</p>")
+    rows = [[label, f"{a['teacher'][s]:.2f}", f"{a['before'][s]:.2f}", f"{a['after'][s]:.2f}",
+             f"{a['teacher'][s] - a['before'][s]:+.2f}", f"{a['teacher'][s] - a['after'][s]:+.2f}"]
+            for label, s in (("validation", "val"), ("test", "test"))]
+    out.append(_table(["split", "teacher %", "student before %", "student after %", "drop before", "drop after"], rows,
+                      numeric={1, 2, 3, 4, 5}))
+    dist = st.get("layer_at_distance") or {}
+    if dist:
+        out.append("<p>Attention-transfer distance to the teacher per conv layer (validation, ×10⁴):</p>")
+        out.append(_table(["layer", "before", "after"], [[n, f"{1e4 * d['before']:.3f}", f"{1e4 * d['after']:.3f}"]
+                                                         for n, d in dist.items()], numeric={1, 2}))
+    out.append(_img(finetune_figure(st["epochs"]), "fine-tuning curve"))
     return "\n".join(out)
 
 
@@ -367,7 +419,8 @@ def bench_html(files: RunFiles) -> str:
 
 
 def render(files: RunFiles) -> str:
-    body = "\n".join([header_html(files), layers_html(files), search_html(files), verify_html(files), bench_html(files)])
+    body = "\n".join([header_html(files), layers_html(files), search_html(files), finetune_html(files), verify_html(files),
+                      bench_html(files)])
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>deploykit report: {_e(files.run_dir.name)}</title><style>{STYLE}</style></head>\n"
             f"<body>\n{body}\n</body></html>\n")

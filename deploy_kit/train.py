@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import random
 import time
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from deploy_kit import quant
 from deploy_kit.data import Dataset, Split, load_dataset, normalize
+from deploy_kit.device import check_device_name, resolve_device
 from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import check_writable
 from deploy_kit.models import ARCHITECTURES, ZooModel, build_model
@@ -43,6 +45,7 @@ class TrainConfig:
     # threads per process, every parallel region waits for a descheduled sibling, and a LeNet5 step
     # measured 986 ms instead of 67 ms under load. Raise it for a big model on an idle machine.
     threads: int = 1
+    device: str = "auto"  # where the epochs run (deploy_kit/device.py); evaluation is always on the CPU
 
     def __post_init__(self):
         if self.model not in ARCHITECTURES:
@@ -56,6 +59,11 @@ class TrainConfig:
             raise ConfigError(f"need threads >= 1, got {self.threads}")
         if self.backend not in quant.BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; choose one of {', '.join(quant.BACKENDS)}")
+        if not (math.isfinite(self.lr) and math.isfinite(self.qat_lr)):
+            raise ConfigError(f"--lr must be a finite number, got {self.lr}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be in 0..2^63-1, got {self.seed}")
+        check_device_name(self.device)
 
 
 def seed_everything(seed: int) -> None:
@@ -107,7 +115,9 @@ def _one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int):
 
 
 def _run_epochs(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, epochs: int, lr: float,
-                label: str, gen: torch.Generator) -> None:
+                label: str, gen: torch.Generator, device: torch.device) -> None:
+    """Train in place on `device`; the model is back on the CPU afterwards."""
+    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = max(1, epochs * ((len(train) + cfg.batch_size - 1) // cfg.batch_size))
     sched = _one_cycle(opt, lr, steps)
@@ -120,6 +130,7 @@ def _run_epochs(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, ep
         for x, y in batches(shuffled, ds, cfg.batch_size):
             if cfg.augment:
                 x = augment(x, gen, cfg.hflip)
+            x, y = x.to(device), y.to(device)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
@@ -128,8 +139,9 @@ def _run_epochs(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, ep
             sched.step()
             seen += len(y)
             correct += int((logits.argmax(1) == y).sum())
-            total_loss += float(loss) * len(y)
+            total_loss += float(loss.detach()) * len(y)
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{100 * correct / seen:.1f}%")
+    model.cpu()
 
 
 def _evaluate(model, ds: Dataset) -> dict:
@@ -168,11 +180,12 @@ def _train_teacher(cfg: TrainConfig, out_dir: Path, ds: Dataset | None) -> dict:
     if cfg.max_train:
         train = Split(train.images[:cfg.max_train], train.labels[:cfg.max_train])
     gen = torch.Generator().manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
     model = build_model(cfg.model, ds.input_shape, len(ds.classes), cfg.width)
-    _run_epochs(model, train, ds, cfg, cfg.epochs, cfg.lr, "float", gen)
+    _run_epochs(model, train, ds, cfg, cfg.epochs, cfg.lr, "float", gen, device)
     acc_float = _evaluate(model, ds)
     quant.prepare_qat(quant.fold_batchnorm(model))
-    _run_epochs(model, train, ds, cfg, cfg.qat_epochs, cfg.qat_lr, "qat", gen)
+    _run_epochs(model, train, ds, cfg, cfg.qat_epochs, cfg.qat_lr, "qat", gen, device)
     quant.freeze(model)
     acc_fq = _evaluate(model, ds)
     acc_int8 = _evaluate(quant.convert_int8(model, cfg.backend), ds)
@@ -185,7 +198,7 @@ def _train_teacher(cfg: TrainConfig, out_dir: Path, ds: Dataset | None) -> dict:
         "layers": {n: q.to_dict() for n, q in quant.activation_quant(model).items()},
         "accuracy": {"float": acc_float, "fake_quant": acc_fq, "int8": acc_int8}, "arithmetic": quant.ARITHMETIC,
         "train_images": len(train), "images_per_s": round(len(train) * (cfg.epochs + cfg.qat_epochs) / seconds, 1),
-        "seconds": seconds, "config": asdict(cfg), "versions": versions(),
+        "seconds": seconds, "config": asdict(cfg), "device": str(device), "versions": versions(),
     }
     save_teacher(model, meta, Path(out_dir))
     return meta

@@ -23,6 +23,8 @@ from exporters.onnx_to_tf import LUT_FORMS
 @click.option("--qat-epochs", default=8, show_default=True, help="Quantization-aware fine-tuning epochs.")
 @click.option("--episodes", default=600, show_default=True,
               help="Search budget (reward evaluations); twice `search`'s default, for a lower-KL configuration.")
+@click.option("--finetune-epochs", default=8, show_default=True, type=click.IntRange(min=0),
+              help="Fine-tuning epochs with the LUTs in place (`deploykit finetune`); 0 skips the stage.")
 @click.option("--lut-form", default="select", show_default=True, type=click.Choice(LUT_FORMS),
               help="How the TFLite export lowers each LUT; saturate is the fast one in LiteRT (see `export --help`).")
 @click.option("--bench-repeats", default=100, show_default=True, help="Timed batch-1 runs per artifact.")
@@ -30,8 +32,8 @@ from exporters.onnx_to_tf import LUT_FORMS
 @click.option("--force", is_flag=True, help="Replace the outputs of a previous run in --out.")
 @json_option
 @handle_errors
-def command(out, arch, data, width, epochs, qat_epochs, episodes, lut_form, bench_repeats, seed, force, as_json):
-    """Train → search → export (all targets) → verify → bench → report, into one run folder.
+def command(out, arch, data, width, epochs, qat_epochs, episodes, finetune_epochs, lut_form, bench_repeats, seed, force, as_json):
+    """Train → search → finetune → export (all targets) → verify → bench → report, into one run folder.
 
     Prints a line per stage, then the verify and bench tables and the report's path. Exits 1
     if an export fails verification (everything, the report included, is still written).
@@ -51,7 +53,7 @@ def command(out, arch, data, width, epochs, qat_epochs, episodes, lut_form, benc
     from deploy_kit.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, model=arch, data=data, width=width, epochs=epochs, qat_epochs=qat_epochs,
-                     episodes=episodes, lut_form=lut_form, bench_repeats=bench_repeats, seed=seed, force=force)
+                     episodes=episodes, finetune_epochs=finetune_epochs, lut_form=lut_form, bench_repeats=bench_repeats, seed=seed, force=force)
     bar = None
 
     def on_evaluation(ev):

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from deploy_kit.cli import emit, handle_errors, json_option, say
+from deploy_kit.device import DEVICES
 
 
 def _layer_list(_ctx, _param, value):
@@ -19,7 +20,10 @@ def _layer_list(_ctx, _param, value):
 @click.option("--method", default="ppo", show_default=True, type=click.Choice(["ppo", "random", "greedy"]),
               help="PPO agent, or a baseline with the same reward and budget.")
 @click.option("--episodes", default=300, show_default=True, help="Budget: number of reward evaluations.")
-@click.option("--seed", default=0, show_default=True, help="Seeds the reward images, the agent and the sampling.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
+              help="Seeds the reward images, the agent and the sampling.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
+              help="Where the reward passes run (auto: CUDA when present); validation re-scoring is on the CPU.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="result.json to write [default: TEACHER/result.json]; search_log.jsonl goes next to it.")
 @click.option("--layers", callback=_layer_list, default=None,
@@ -36,7 +40,7 @@ def _layer_list(_ctx, _param, value):
 @click.option("--force", is_flag=True, help="Overwrite an existing result.json.")
 @json_option
 @handle_errors
-def command(teacher, method, episodes, seed, out, layers, max_acc_drop, top_n, temperature, at_weight,
+def command(teacher, method, episodes, seed, device, out, layers, max_acc_drop, top_n, temperature, at_weight,
             reward_images, tmax_percentile, tmax_offset, tmax_fixed, force, as_json):
     """Search each layer's staircase codes (t1, v1, t2, v2, tmax) so the student stays close to
     the teacher: reward = −(KL + λ·attention transfer) on train images; the top candidates are
@@ -51,7 +55,7 @@ def command(teacher, method, episodes, seed, out, layers, max_acc_drop, top_n, t
 
     from deploy_kit.search import RewardConfig, SearchConfig, TmaxRule, run_search
 
-    cfg = SearchConfig(method=method, episodes=episodes, seed=seed, layers=layers, top_n=top_n,
+    cfg = SearchConfig(method=method, episodes=episodes, seed=seed, device=device, layers=layers, top_n=top_n,
                        max_acc_drop=max_acc_drop,
                        tmax=TmaxRule(percentile=tmax_percentile, offset=tmax_offset, fixed=tmax_fixed),
                        reward=RewardConfig(temperature=temperature, at_weight=at_weight, images=reward_images))

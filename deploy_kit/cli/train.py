@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from deploy_kit.cli import emit, handle_errors, json_option, say
+from deploy_kit.device import DEVICES
 from deploy_kit.models import ARCHITECTURES
 from deploy_kit.quant import BACKENDS
 
@@ -29,11 +30,14 @@ from deploy_kit.quant import BACKENDS
               help="Quantized engine the INT8 PyTorch model is converted for.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),
               help="Intra-op threads; more only pays off for a big model on an idle machine.")
-@click.option("--seed", default=0, show_default=True, help="Seeds the split, the init and the batch order.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
+              help="Where the epochs run (auto: CUDA when present). Accuracies are always computed on the CPU.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
+              help="Seeds the split, the init and the batch order.")
 @click.option("--force", is_flag=True, help="Overwrite an existing teacher in --out.")
 @json_option
 @handle_errors
-def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, hflip, max_train, backend, threads, seed, force, as_json):
+def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, hflip, max_train, backend, threads, device, seed, force, as_json):
     """Train a float model, fine-tune it with INT8 QAT, convert it to INT8 and evaluate.
 
     Writes OUT/teacher.safetensors and OUT/teacher.json (architecture, labels, preprocessing,
@@ -48,7 +52,7 @@ def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, hflip, m
 
     cfg = TrainConfig(model=arch, data=data, width=width, epochs=epochs, qat_epochs=qat_epochs,
                       batch_size=batch_size, lr=lr, seed=seed, backend=backend, max_train=max_train,
-                      threads=threads, hflip=hflip)
+                      threads=threads, hflip=hflip, device=device)
     meta = train_teacher(cfg, out, force=force)
     acc = meta["accuracy"]
     say(f"{arch} on {data}: {meta['seconds']:.1f}s, {meta['images_per_s']:.0f} img/s")

@@ -14,12 +14,12 @@ def _size(n: int) -> str:
 
 
 def render_table(rows) -> list[str]:
-    head = (f"{'runtime':<24} {'artifact':<22} {'size':>10} {'acc %':>7} {'Δ teach':>8} {'agr stud':>9} "
+    head = (f"{'runtime':<28} {'artifact':<24} {'size':>10} {'acc %':>7} {'Δ teach':>8} {'agr stud':>9} "
             f"{'agr teach':>9} {'mean KL':>9} {'max|Δlogit|':>11} {'img/s':>9}  ")
     lines = [head, "-" * len(head)]
     for r in rows:
         mark = "" if not r.checked else ("ok" if r.passed else "FAIL")
-        lines.append(f"{r.runtime:<24} {r.artifact:<22} {_size(r.bytes):>10} {r.accuracy:>7.2f} {0.0 - r.drop_vs_teacher + 0.0:>+8.2f} "
+        lines.append(f"{r.runtime:<28} {r.artifact:<24} {_size(r.bytes):>10} {r.accuracy:>7.2f} {0.0 - r.drop_vs_teacher + 0.0:>+8.2f} "
                      f"{r.agreement_student:>9.2f} {r.agreement_teacher:>9.2f} {r.mean_kl:>9.2e} "
                      f"{r.max_abs_logit_diff:>11.4f} {r.images_per_s:>9.0f}  {mark}")
     return lines

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from deploy_kit.data import Dataset, Split, load_dataset, normalize
+from deploy_kit.device import check_device_name, resolve_device
 from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import atomic_path, check_writable, write_json
 from deploy_kit.result import SearchResult
@@ -55,6 +56,7 @@ class SearchConfig:
     top_n: int = 5
     max_acc_drop: float = 1.0
     state_images: int = 2048  # train images for the histograms
+    device: str = "auto"  # where the reward passes run (deploy_kit/device.py); selection is on the CPU
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -62,6 +64,9 @@ class SearchConfig:
         if self.episodes < 1 or self.top_n < 1 or self.max_acc_drop < 0:
             raise ConfigError(f"need --episodes >= 1, --top-n >= 1 and --max-acc-drop >= 0, got "
                               f"{self.episodes}, {self.top_n}, {self.max_acc_drop}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be in 0..2^63-1, got {self.seed}")
+        check_device_name(self.device)
 
     def to_json(self, evaluations: int, layers: list[str]) -> dict:
         d = {"method": self.method, "budget": self.episodes, "evaluations": evaluations, "seed": self.seed,
@@ -132,7 +137,8 @@ def run_search(teacher_path: Path, cfg: SearchConfig, out: Path | None = None, f
     x, _ = _train_images(ds, cfg.state_images, cfg.seed)
     states = list(layer_states(teacher.model, layers, quant, x, cfg.tmax, cfg.space).values())
     xr, yr = _train_images(ds, cfg.reward.images, cfg.seed)
-    trace = Trace(RewardModel(teacher.model, quant, layers, xr, yr, cfg.reward), cfg.episodes, on_evaluation)
+    reward = RewardModel(teacher.model, quant, layers, xr, yr, cfg.reward, resolve_device(cfg.device))
+    trace = Trace(reward, cfg.episodes, on_evaluation)
     if cfg.method == "ppo":
         ppo_search(trace, states, cfg.space, cfg.ppo, cfg.seed)
     elif cfg.method == "random":

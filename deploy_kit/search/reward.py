@@ -92,11 +92,20 @@ class RewardModel:
     """Scores candidate LUT sets (dicts layer → LayerLUT) against the cached teacher."""
 
     def __init__(self, teacher_model: ZooModel, quant: dict[str, ActivationQuant], layers: list[str],
-                 x: torch.Tensor, labels: torch.Tensor, cfg: RewardConfig):
-        self.cfg, self.quant, self.layers = cfg, quant, list(layers)
+                 x: torch.Tensor, labels: torch.Tensor, cfg: RewardConfig, device: torch.device = torch.device("cpu")):
+        self.cfg, self.quant, self.layers, self.device = cfg, quant, list(layers), device
         self.model = copy.deepcopy(teacher_model).eval()
         for tap in self.model.taps().values():
             tap.fn = None
+        if device.type != "cpu":
+            # The runtime arithmetic is the CPU reference path; on an accelerator the reward uses
+            # the fake-quant forward (same weights and grids, a code apart at a few places). The
+            # validation re-scoring that selects the result runs on the CPU either way.
+            from deploy_kit.quant import use_runtime_arithmetic
+
+            use_runtime_arithmetic(self.model, on=False)
+            self.model.to(device)
+            x, labels = x.to(device), labels.to(device)
         self.labels = labels
         with torch.no_grad():
             self.start, self.t_logits, t_feats = self._teacher_pass(x)
@@ -147,8 +156,8 @@ class RewardModel:
                  for name in self.at_layers]
         for name in self.layers:
             luts = [c[name] for c in candidates]
-            taps[name].fn = StackedLUT(torch.from_numpy(np.stack([l.thresholds(self.quant[name]) for l in luts])),
-                                       torch.from_numpy(np.stack([l.levels(self.quant[name]) for l in luts])))
+            taps[name].fn = StackedLUT(torch.from_numpy(np.stack([l.thresholds(self.quant[name]) for l in luts])).to(self.device),
+                                       torch.from_numpy(np.stack([l.levels(self.quant[name]) for l in luts])).to(self.device))
         try:
             h = self.start.repeat(k, *([1] * (self.start.dim() - 1)))
             for module in self.suffix:

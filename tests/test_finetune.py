@@ -1,0 +1,211 @@
+"""`deploykit finetune` on the tiny LeNet5/digits teacher: the student it writes, the hash chain
+that ties it to its teacher and result.json, and every refusal (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from deploy_kit import quant
+from deploy_kit.cli import main
+from deploy_kit.data import load_dataset
+from deploy_kit.errors import CheckpointError, ConfigError, OutputExistsError
+from deploy_kit.finetune import FinetuneConfig, finetune, frozen_student, trainable_student
+from deploy_kit.fsutil import sha256_file, write_json
+from deploy_kit.lut import LayerLUT, LUTActivation
+from deploy_kit.result import content_digest, load_result
+from deploy_kit.student import load_student
+from deploy_kit.teacher import load_teacher
+from deploy_kit.train import predict
+
+# A coarse staircase over the bulk of the codes (p50..p90 of the tiny teacher): far from the teacher, so fine-tuning has something to recover.
+CODES = {"t1_code": 10, "v1_code": 40, "t2_code": 70, "v2_code": 110, "tmax_code": 150}
+
+
+def make_run(lenet_teacher, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in lenet_teacher.iterdir():
+        if f.is_file():
+            shutil.copy(f, folder / f.name)
+    teacher = load_teacher(folder)
+    write_json(folder / "result.json", {"model": "lenet5", "layers": {n: dict(CODES) for n in teacher.layer_quant},
+                                        "teacher": {"path": "teacher.json", "sha256": teacher.sha256}})
+    return folder
+
+
+def tiny(run, **kw) -> FinetuneConfig:
+    return FinetuneConfig(result_path=run / "result.json", **{"epochs": 3, "max_train": 400, "device": "cpu", **kw})
+
+
+@pytest.fixture(scope="module")
+def tuned(lenet_teacher, tmp_path_factory):
+    run = make_run(lenet_teacher, tmp_path_factory.mktemp("finetune") / "run")
+    # KL and AT only: the tiny teacher is weak (~70 % val), and a label term would pull the
+    # student away from it, which this module's KL check would then see.
+    return run, finetune(tiny(run, ce_weight=0.0))
+
+
+def test_straight_through_lut_passes_gradients_only_when_training():
+    lut, q = LayerLUT(2, 5, 9, 14, 24), quant.ActivationQuant(0.1, 0)
+    x = torch.linspace(0, 3, 31, requires_grad=True)
+    ste = LUTActivation(lut, q, straight_through=True).train()
+    ste(x).sum().backward()
+    assert torch.all(x.grad == 1)
+    y_plain = LUTActivation(lut, q)(x.detach())
+    assert torch.equal(ste.eval()(x.detach()), y_plain)  # same staircase forward
+    x.grad = None
+    LUTActivation(lut, q).train()(x).sum().backward()
+    assert torch.all(x.grad[x.detach() < 2.45] == 0)  # the staircase's own gradient is flat below tmax
+
+
+def test_epoch_zero_is_exactly_the_searched_student(lenet_teacher):
+    teacher = load_teacher(lenet_teacher)
+    luts = {n: LayerLUT(10, 40, 70, 110, 150) for n in teacher.layer_quant}
+    ds = load_dataset("digits", 0)
+    before = frozen_student(trainable_student(teacher, luts, torch.device("cpu")), teacher, luts)
+    assert np.array_equal(predict(before, ds.split("val"), ds), predict(teacher.student(luts), ds.split("val"), ds))
+
+
+def test_sidecar_and_result_entry(tuned):
+    run, outcome = tuned
+    meta = json.loads((run / "student.json").read_text())
+    raw = json.loads((run / "result.json").read_text())
+    assert meta["format"] == "deploykit-student/1" and meta["weights_sha256"] == sha256_file(run / "student.safetensors")
+    assert meta["teacher"]["sha256"] == load_teacher(run).sha256
+    assert meta["result"]["digest"] == content_digest(raw)  # the student entry is not part of the digest
+    assert raw["student"]["path"] == "student.json" and raw["student"]["sha256"] == sha256_file(run / "student.json")
+    assert meta["layers"] == raw["layers"]
+    epochs = meta["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2, 3] and epochs[0]["loss"] is None
+    best = max(epochs, key=lambda e: (e["val_acc"], -e["val_kl"]))
+    assert meta["chosen_epoch"] == best["epoch"]
+    assert meta["accuracy"]["after"]["val"] == best["val_acc"]
+    assert set(meta["layer_at_distance"]) == {"conv1", "conv2"}
+    assert meta["recipe"]["epochs"] == 3 and meta["recipe"]["seed"] == 0 and meta["device"] == "cpu"
+    m = raw["student"]["metrics"]
+    assert m["acc_drop"] == pytest.approx(m["acc_teacher"] - m["acc_student"], abs=0.011)
+
+
+def test_training_moves_the_student_towards_the_teacher(tuned):
+    run, outcome = tuned
+    epochs = outcome.meta["epochs"]
+    assert min(e["val_kl"] for e in epochs[1:]) < 0.8 * epochs[0]["val_kl"]
+    teacher = load_teacher(run)
+    student = load_student(load_result(run / "result.json"), teacher)
+    changed = [not torch.equal(a, b) for a, b in zip(student.model.state_dict().values(), teacher.model.state_dict().values())]
+    assert any(changed) if outcome.meta["chosen_epoch"] else not any(changed)
+
+
+def test_loaded_student_keeps_the_teachers_grids_and_rederived_weight_scales(tuned):
+    run, outcome = tuned
+    teacher = load_teacher(run)
+    result = load_result(run / "result.json")
+    student = load_student(result, teacher)
+    assert quant.activation_quant(student.model) == quant.activation_quant(teacher.model)
+    assert quant.input_quant(student.model) == quant.input_quant(teacher.model)
+    for block in student.model.blocks().values():
+        w = block.op.weight.detach()
+        expected = w.abs().flatten(1).amax(1) / 127
+        assert torch.allclose(block.op.weight_fake_quant.scale, expected, rtol=1e-6)
+    # the accuracy written is the loaded student's, in the runtime arithmetic
+    ds = load_dataset("digits", 0)
+    test = ds.split("test")
+    acc = round(100.0 * float((predict(student.student(result.layers), test, ds).argmax(1) == test.labels).mean()), 2)
+    assert acc == outcome.meta["accuracy"]["after"]["test"] == result.student["metrics"]["acc_student"]
+
+
+def test_hash_chain_refuses_a_changed_result_or_teacher(tuned, tmp_path):
+    run, _ = tuned
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    teacher = load_teacher(copy)
+    raw = json.loads((copy / "result.json").read_text())
+    raw["layers"]["fc1"]["v2_code"] += 1  # an edited code: the student was trained for others
+    write_json(copy / "result.json", raw)
+    with pytest.raises(CheckpointError, match="another result.json"):
+        load_student(load_result(copy / "result.json"), teacher)
+    raw["layers"]["fc1"]["v2_code"] -= 1
+    write_json(copy / "result.json", raw)
+    meta = json.loads((copy / "student.json").read_text())
+    meta["teacher"]["sha256"] = "0" * 64
+    write_json(copy / "student.json", meta)
+    with pytest.raises(CheckpointError, match="differs from the one result.json recorded"):
+        load_student(load_result(copy / "result.json"), teacher)
+    raw["student"]["sha256"] = sha256_file(copy / "student.json")
+    write_json(copy / "result.json", raw)
+    with pytest.raises(CheckpointError, match="fine-tuned from teacher"):
+        load_student(load_result(copy / "result.json"), teacher)
+
+
+def test_student_path_must_stay_inside_its_folder(tuned, tmp_path):
+    run, _ = tuned
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    raw = json.loads((copy / "result.json").read_text())
+    raw["student"]["path"] = "../../etc/passwd"
+    write_json(copy / "result.json", raw)
+    with pytest.raises(CheckpointError, match="stay inside"):
+        load_student(load_result(copy / "result.json"), load_teacher(copy))
+
+
+def test_existing_student_needs_force(tuned):
+    run, _ = tuned
+    before = {p.name: sha256_file(p) for p in run.iterdir()}
+    with pytest.raises((OutputExistsError, ConfigError)):
+        finetune(tiny(run))
+    assert {p.name: sha256_file(p) for p in run.iterdir()} == before
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"epochs": 0}, "--epochs"), ({"device": "tpu"}, "unknown --device"), ({"lr": float("nan")}, "--lr"),
+    ({"kd_weight": 0.0, "ce_weight": 0.0, "at_weight": 0.0}, "not all 0"), ({"seed": -1}, "--seed"),
+])
+def test_bad_config(tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        FinetuneConfig(result_path=tmp_path / "result.json", **kw)
+
+
+def test_result_for_another_teacher_is_refused(lenet_teacher, tmp_path):
+    run = make_run(lenet_teacher, tmp_path / "run")
+    raw = json.loads((run / "result.json").read_text())
+    raw["teacher"]["sha256"] = "f" * 64
+    write_json(run / "result.json", raw)
+    with pytest.raises(ConfigError, match="was searched on teacher"):
+        finetune(tiny(run, epochs=1))
+    assert not (run / "student.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: --device cuda is valid here")
+def test_cuda_without_a_gpu_is_one_line(lenet_teacher, tmp_path):
+    run = make_run(lenet_teacher, tmp_path / "run")
+    res = CliRunner().invoke(main, ["finetune", "--config", str(run / "result.json"), "--device", "cuda"])
+    assert res.exit_code == 2 and "--device cuda" in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (run / "student.json").exists()
+
+
+@pytest.mark.parametrize("args, match", [(["--epochs", "0"], "--epochs"), (["--device", "tpu"], "--device")])
+def test_cli_refusals(lenet_teacher, tmp_path, args, match):
+    run = make_run(lenet_teacher, tmp_path / "run")
+    res = CliRunner().invoke(main, ["finetune", "--config", str(run / "result.json"), *args])
+    assert res.exit_code == 2 and match in res.output and len(res.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in run.iterdir()) == ["result.json", "teacher.json", "teacher.safetensors"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: the GPU path of finetune cannot run")
+def test_gpu_finetune_reports_cpu_arithmetic(lenet_teacher, tmp_path):
+    run = make_run(lenet_teacher, tmp_path / "run")
+    outcome = finetune(tiny(run, epochs=1, device="cuda"))
+    assert outcome.meta["device"].startswith("cuda")
+    teacher = load_teacher(run)
+    result = load_result(run / "result.json")
+    student = load_student(result, teacher)
+    ds = load_dataset("digits", 0)
+    test = ds.split("test")
+    acc = round(100.0 * float((predict(student.student(result.layers), test, ds).argmax(1) == test.labels).mean()), 2)
+    assert acc == outcome.meta["accuracy"]["after"]["test"]
