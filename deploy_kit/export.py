@@ -26,6 +26,7 @@ from deploy_kit.native_log import native_stderr_silenced
 from deploy_kit.result import SearchResult, check_against_teacher, load_result
 from deploy_kit.student import load_student
 from deploy_kit.teacher import Teacher, load_teacher
+from exporters.onnx_to_tf import DEFAULT_LUT_FORM, LUT_FORMS
 
 IO_CHOICES = ("int8", "float")
 EXPORTS_DIRNAME = "exports"
@@ -41,14 +42,15 @@ class ExportConfig:
     force: bool = False
     calibration_images: int = 256  # train-split images the TFLite converter calibrates on
     calibration_seed: int | None = None  # default: the teacher's seed
-    lut_form: str = "select"  # how the TFLite target lowers each LUT (exporters/onnx_to_tf.py: LUT_FORMS)
+    # How the TFLite target lowers each LUT (exporters/onnx_to_tf.py: LUT_FORMS). `saturate`: the
+    # fastest form proven exact at export, with `select` for any layer where it cannot be proven.
+    lut_form: str = DEFAULT_LUT_FORM
 
     def __post_init__(self):
         if self.io not in IO_CHOICES:
             raise ConfigError(f"--io must be one of {', '.join(IO_CHOICES)}, got {self.io!r}")
         if self.calibration_images < 1:
             raise ConfigError(f"calibration_images must be >= 1, got {self.calibration_images}")
-        from exporters.onnx_to_tf import LUT_FORMS
         from exporters.registry import resolve
 
         if self.lut_form not in LUT_FORMS:
@@ -130,6 +132,8 @@ def _export_variant(folder: Path, variant: str, proto, steps: list, options: dic
         parts = details.get("xnnpack_partitions")
         progress(f"  {target.name:<7}{variant:<5} {rel:<24} {entry['bytes']:>12,} B  {entry['export_seconds']:6.1f}s"
                  + (f"  XNNPACK: {parts} partition{'s' if parts != 1 else ''}" if parts else ""))
+        for layer, why in details.get("lut_fallbacks", {}).items():  # a slower LUT should not go unnoticed
+            progress(f"    {layer}: LUT lowered with {details['lut_forms'][layer]} instead of {details['lut_form']} ({why})")
     return entries
 
 

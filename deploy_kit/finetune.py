@@ -45,7 +45,7 @@ from deploy_kit.lut import LayerLUT
 from deploy_kit.models import ZooModel
 from deploy_kit.result import SearchResult, check_against_teacher, load_result
 from deploy_kit.search.reward import attention_map
-from deploy_kit.student import SIDECAR_NAME, WEIGHTS_NAME, relative, save_student
+from deploy_kit.student import SIDECAR_NAME, WEIGHTS_NAME, load_base, relative, save_student
 from deploy_kit.teacher import Teacher, install_luts
 from deploy_kit.train import accuracy, augment, batches, predict, seed_everything, torch_threads, versions
 
@@ -177,8 +177,10 @@ def frozen_student(model: ZooModel, teacher: Teacher, luts: dict[str, LayerLUT])
     """A CPU copy frozen like `train` freezes (weight scales re-derived, observers off, runtime
     arithmetic), with the plain LUTs: the model export and verify use."""
     frozen = copy.deepcopy(model).cpu().eval()
-    for m in frozen.modules():
-        m._forward_hooks.clear()  # a deep copy keeps the training loop's TapRecorder hooks
+    for tap in frozen.taps().values():
+        # A deep copy keeps the training loop's TapRecorder hooks. Only the taps' own: QAT's
+        # observer hooks (the input QuantStub quantizes through one) must stay.
+        tap._forward_hooks.clear()
     quant.freeze(frozen)
     install_luts(frozen, luts, teacher.layer_quant)
     return frozen.eval()
@@ -215,6 +217,7 @@ class _Inputs:
     luts: dict[str, LayerLUT]
     sidecar: Path
     weights: Path
+    init: Teacher  # the weights training starts from: the teacher's, or a re-searched student's
 
 
 def prepare(cfg: FinetuneConfig) -> _Inputs:
@@ -234,7 +237,8 @@ def prepare(cfg: FinetuneConfig) -> _Inputs:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; finetune writes a folder")
     raw = read_json(result.path, ConfigError, label=result.path.name)
-    return _Inputs(result, raw, teacher, dict(result.layers), sidecar, weights)
+    init = load_base(result, teacher) or teacher
+    return _Inputs(result, raw, teacher, dict(result.layers), sidecar, weights, init)
 
 
 def finetune(cfg: FinetuneConfig, progress: Callable[[str], None] = lambda _m: None) -> FinetuneOutcome:
@@ -260,13 +264,15 @@ def _finetune(cfg: FinetuneConfig, inp: _Inputs, device: torch.device, progress)
         logits = predict(model, val, ds)
         return accuracy(logits, val.labels), round(_kl(t_val, logits, cfg.temperature), 6), logits
 
-    before = frozen_student(trainable_student(teacher, luts, torch.device("cpu")), teacher, luts)
+    init = inp.init
+    before = frozen_student(trainable_student(init, luts, torch.device("cpu")), teacher, luts)
     acc0, kl0, _ = evaluate(before)
     history = [EpochRecord(0, None, acc0, kl0, 0.0)]
     best = (acc0, -kl0, 0, before)
-    progress(f"epoch 0 (the searched student, teacher weights): val accuracy {acc0:.2f}%, val KL {kl0:.4f}")
+    start_from = "teacher weights" if init is teacher else f"weights of {init.weights_path.name}"
+    progress(f"epoch 0 (the searched student, {start_from}): val accuracy {acc0:.2f}%, val KL {kl0:.4f}")
 
-    student, target = trainable_student(teacher, luts, device), training_teacher(teacher, device)
+    student, target = trainable_student(init, luts, device), training_teacher(teacher, device)
     rec_s, rec_t = TapRecorder(student, at_layers), TapRecorder(target, at_layers)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
@@ -345,6 +351,8 @@ def _sidecar_meta(cfg: FinetuneConfig, inp: _Inputs, ds: Dataset, before: ZooMod
         "result": {"path": relative(inp.result.path, out), "digest": inp.result.digest},
         "layers": {n: lut.to_json() for n, lut in inp.luts.items()},
         "recipe": cfg.recipe(), "device": str(device), "arithmetic": quant.ARITHMETIC,
+        "init": ("teacher" if inp.init is teacher else
+                 {"student": relative(inp.init.weights_path.with_name(SIDECAR_NAME), out), "weights_sha256": inp.init.sha256}),
         "chosen_epoch": epoch, "epochs": [asdict(r) for r in history],
         "accuracy": {"teacher": {s: acc(teacher.model, s) for s in ("val", "test")},
                      "before": {s: acc(before, s) for s in ("val", "test")},

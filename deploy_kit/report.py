@@ -72,7 +72,8 @@ def _read_log(path: Path) -> list[dict]:
 
 def _log_label(path: Path, main_log: Path | None) -> str:
     """Name a curve by the method recorded next to its log, else by its file name."""
-    result = path.with_name("result.json")
+    stem = path.stem.removeprefix("search_log").strip(".")
+    result = path.with_name(f"{stem}.json" if stem else "result.json")
     try:
         method = _read_json(result).get("search", {}).get("method") if result.is_file() else None
     except ConfigError:

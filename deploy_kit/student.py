@@ -59,13 +59,27 @@ def load_student(result: SearchResult, teacher: Teacher) -> Teacher | None:
     if not sidecar.is_file():
         raise CheckpointError(f"{where}: names the student {sidecar}, which is missing; re-run `deploykit finetune` "
                               "or remove the \"student\" entry to export the teacher's weights")
-    if sha256_file(sidecar) != entry["sha256"]:
-        raise CheckpointError(f"{sidecar}: its sha256 differs from the one result.json recorded; the file changed "
+    student = load_sidecar(sidecar, entry["sha256"], teacher, where)
+    r = (student.meta["student"].get("result") or {}).get("digest")
+    if r != result.digest:
+        raise CheckpointError(f"{sidecar}: fine-tuned for another result.json (content digest {str(r)[:12]}…, this one is "
+                              f"{result.digest[:12]}…): its codes or grids changed — re-run `deploykit finetune --force`")
+    return student
+
+
+def load_sidecar(sidecar: Path, sha256: str, teacher: Teacher, recorded_in: str) -> Teacher:
+    """A student checkpoint whose sidecar must have `sha256` (as `recorded_in` says) and whose
+    teacher and weights must match; as a `Teacher` carrying the student's weights."""
+    if sha256_file(sidecar) != sha256:
+        raise CheckpointError(f"{sidecar}: its sha256 differs from the one {recorded_in} recorded; the file changed "
                               "after `deploykit finetune` — re-run it with --force")
     meta = read_json(sidecar, CheckpointError, fix="; re-run `deploykit finetune --force`")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{sidecar}: expected a {FORMAT} sidecar; re-run `deploykit finetune --force`")
-    _check_chain(meta, sidecar, result, teacher)
+    t = (meta.get("teacher") or {}).get("sha256")
+    if t != teacher.sha256:
+        raise CheckpointError(f"{sidecar}: fine-tuned from teacher sha256 {str(t)[:12]}…, but the teacher is "
+                              f"{teacher.sha256[:12]}…; fine-tune again from this teacher")
     weights = _inside(Path(str(meta.get("weights", WEIGHTS_NAME))), sidecar.parent, str(sidecar))
     if not weights.is_file() or sha256_file(weights) != meta.get("weights_sha256"):
         raise CheckpointError(f"{weights}: missing or not the file {sidecar.name} recorded (sha256); "
@@ -74,12 +88,21 @@ def load_student(result: SearchResult, teacher: Teacher) -> Teacher | None:
     return Teacher(model, {**teacher.meta, "weights_sha256": meta["weights_sha256"], "student": meta}, weights)
 
 
-def _check_chain(meta: dict, sidecar: Path, result: SearchResult, teacher: Teacher) -> None:
-    t = (meta.get("teacher") or {}).get("sha256")
-    if t != teacher.sha256:
-        raise CheckpointError(f"{sidecar}: fine-tuned from teacher sha256 {str(t)[:12]}…, but the teacher is "
-                              f"{teacher.sha256[:12]}…; fine-tune again from this teacher")
-    r = (meta.get("result") or {}).get("digest")
-    if r != result.digest:
-        raise CheckpointError(f"{sidecar}: fine-tuned for another result.json (content digest {str(r)[:12]}…, this one is "
-                              f"{result.digest[:12]}…): its codes or grids changed — re-run `deploykit finetune --force`")
+def load_base(result: SearchResult, teacher: Teacher) -> Teacher | None:
+    """The fine-tuned student a re-search started from (`search.base_student`), whose weights
+    `deploykit finetune` continues from; None for a search on the teacher's weights."""
+    entry = result.search.get("base_student") if isinstance(result.search, dict) else None
+    if entry is None:
+        return None
+    where = result.path.name if result.path else "result.json"
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("path", "sha256", "weights_sha256")):
+        raise CheckpointError(f"{where}: search.base_student must hold path, sha256 and weights_sha256; re-run "
+                              "`deploykit search --from-student`")
+    folder = result.path.parent if result.path else Path(".")
+    sidecar = _inside(Path(entry["path"]), folder, f"{where}: search.base_student")
+    if not sidecar.is_file():
+        raise CheckpointError(f"{where}: was searched on the student {sidecar}, which is missing")
+    base = load_sidecar(sidecar, entry["sha256"], teacher, where)
+    if base.sha256 != entry["weights_sha256"]:
+        raise CheckpointError(f"{sidecar}: its weights are not the ones {where} was searched on")
+    return base

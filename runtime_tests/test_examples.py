@@ -26,7 +26,8 @@ TARGET_OF = {"litert": "tflite", "ort": "ort"}
 
 @pytest.fixture(scope="module")
 def exports(export_lenet_run) -> Path:
-    return export_lenet_run("examples", ("onnx", "ort", "tflite"))
+    # select here, the default (saturate) below: the client must handle both LUT forms
+    return export_lenet_run("examples", ("onnx", "ort", "tflite"), lut_form="select")
 
 
 def _classify(exports: Path, images: list[Path], *args: str) -> subprocess.CompletedProcess:
@@ -40,12 +41,12 @@ def _top3(logits: np.ndarray, classes: list[str]) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def saturate_exports(export_lenet_run) -> Path:
-    return export_lenet_run("examples_saturate", ("tflite",), lut_form="saturate")
+    return export_lenet_run("examples_saturate", ("tflite",))  # the default form
 
 
 def test_classify_runs_the_phone_lut_form(saturate_exports, digit_pngs):
-    """`--lut-form saturate` (LEAKY_RELU in the LUT, LUTs after their MaxPool) is what a phone
-    gets: the client needs no change and predicts what the runner predicts."""
+    """The default `--lut-form saturate` (LEAKY_RELU in the LUT, LUTs after their MaxPool) is what
+    a phone gets: the client needs no change and predicts what the runner predicts."""
     _check_classify(saturate_exports, digit_pngs, "litert", "lut")
 
 

@@ -103,12 +103,14 @@ def test_lut_codes_in_litert_are_the_code_table(run):
         assert len(np.unique(before)) > 3, f"{name}: the test images hit too few codes to mean anything"
 
 
-def test_files_are_full_integer_with_three_less_and_select_per_layer(run):
-    layers = len(run["luts"])
-    for variant, lut_layers in (("lut", layers), ("relu", 0)):
-        info = tflite.check_full_integer(run["exports"] / TARGETS["tflite"].path(variant), lut_layers)
+def test_files_are_full_integer_with_the_lut_ops_of_each_layers_form(run):
+    """The default export: saturate at every layer (no LESS/SELECT_V2 anywhere), none in relu/."""
+    forms = _entry(run["summary"], "lut")["lut_forms"]
+    assert forms == {n: "saturate" for n in run["luts"]}
+    for variant, lut_forms in (("lut", forms), ("relu", {})):
+        info = tflite.check_full_integer(run["exports"] / TARGETS["tflite"].path(variant), lut_forms)
         assert info["float_tensors"] == [] and info["custom_ops"] == []
-    info = tflite.check_full_integer(run["float_exports"] / TARGETS["tflite"].path("lut"), layers, io="float")
+    info = tflite.check_full_integer(run["float_exports"] / TARGETS["tflite"].path("lut"), forms, io="float")
     assert set(info["float_tensors"]) == {"input", "logits"}
 
 

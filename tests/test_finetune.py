@@ -15,7 +15,7 @@ from deploy_kit import quant
 from deploy_kit.cli import main
 from deploy_kit.data import load_dataset
 from deploy_kit.errors import CheckpointError, ConfigError, OutputExistsError
-from deploy_kit.finetune import FinetuneConfig, finetune, frozen_student, trainable_student
+from deploy_kit.finetune import FinetuneConfig, TapRecorder, finetune, frozen_student, trainable_student
 from deploy_kit.fsutil import sha256_file, write_json
 from deploy_kit.lut import LayerLUT, LUTActivation
 from deploy_kit.result import content_digest, load_result
@@ -69,6 +69,17 @@ def test_epoch_zero_is_exactly_the_searched_student(lenet_teacher):
     ds = load_dataset("digits", 0)
     before = frozen_student(trainable_student(teacher, luts, torch.device("cpu")), teacher, luts)
     assert np.array_equal(predict(before, ds.split("val"), ds), predict(teacher.student(luts), ds.split("val"), ds))
+    # digits pixels take few values; noise images put inputs between every grid step, so a
+    # student that skipped the input quantizer (a lost QAT observer hook) would differ here
+    x = torch.randn(64, *teacher.meta["input_shape"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(before(x), teacher.student(luts).eval()(x))
+        # the same after a forward with the training loop's tap recorders attached
+        model = trainable_student(teacher, luts, torch.device("cpu"))
+        rec = TapRecorder(model, ["conv1"])
+        model(x)
+        assert torch.equal(frozen_student(model, teacher, luts)(x), teacher.student(luts).eval()(x))
+        rec.close()
 
 
 def test_sidecar_and_result_entry(tuned):
@@ -117,6 +128,21 @@ def test_loaded_student_keeps_the_teachers_grids_and_rederived_weight_scales(tun
     test = ds.split("test")
     acc = round(100.0 * float((predict(student.student(result.layers), test, ds).argmax(1) == test.labels).mean()), 2)
     assert acc == outcome.meta["accuracy"]["after"]["test"] == result.student["metrics"]["acc_student"]
+
+
+def test_report_shows_before_and_after(tuned, tmp_path):
+    from deploy_kit.report import write_report
+
+    run, outcome = tuned
+    summary = write_report(run, out=tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert "finetune" not in summary["missing"]
+    section = page[page.index("<h2>Fine-tuning</h2>"):]
+    a = outcome.meta["accuracy"]
+    assert f"kept epoch <b>{outcome.meta['chosen_epoch']}</b>" in section
+    assert f"{a['before']['test']:.2f}" in section and f"{a['after']['test']:.2f}" in section
+    assert "conv1" in section and "conv2" in section and 'alt="fine-tuning curve"' in section
+    assert f"after fine-tuning: student {a['after']['test']}%" in page
 
 
 def test_hash_chain_refuses_a_changed_result_or_teacher(tuned, tmp_path):

@@ -3,6 +3,7 @@
 Every form must map all 256 input codes of every LUT layer by the code table, inside the exported
 file (the LUT cut out of it, with XNNPACK and with builtin kernels), pass `verify --localize`,
 and be recorded in manifest.json and the TFLite metadata. A wrong constant must be caught.
+`saturate` is the default; a layer whose saturate LUT fails the code check gets `select` alone.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def lenet_lut_run(export_lenet_run):
 
     def make(form: str):
         if form not in made:
-            exports = export_lenet_run(f"lut_form_{form}", ("tflite",), lut_form=form)
+            # the default form's run is a default export (no lut_form given): asserted below
+            options = {} if form == onnx_to_tf.DEFAULT_LUT_FORM else {"lut_form": form}
+            exports = export_lenet_run(f"lut_form_{form}", ("tflite",), **options)
             made[form] = (exports, load_teacher(exports.parent))
         return made[form]
 
@@ -63,16 +66,18 @@ def test_each_form_is_full_integer_exact_on_all_codes_and_recorded(lenet_lut_run
     assert manifest["lut_form"] == form
     entry = next(a for a in manifest["artifacts"] if a["target"] == "tflite" and a["variant"] == "lut")
     assert entry["lut_form"] == form and set(entry["lut_ops"]) == set(layers)
+    assert entry["lut_forms"] == {n: form for n in layers} and entry["lut_fallbacks"] == {}  # no layer fell back
     assert tflite.read_metadata(path)["lut_form"] == form
+    assert tflite.read_metadata(path)["lut_forms"] == entry["lut_forms"]
 
-    info = tflite.check_full_integer(path, len(layers), lut_form=form)
+    info = tflite.check_full_integer(path, entry["lut_forms"])
     assert info["float_tensors"] == [] and info["custom_ops"] == []
     if form == "select":
         assert info["ops"]["LESS"] == info["ops"]["SELECT_V2"] == 3 * len(layers)
     else:
         assert "LESS" not in info["ops"] and "SELECT_V2" not in info["ops"]
-        with pytest.raises(ExportError, match="expected 3 per LUT layer"):  # not the default's pattern
-            tflite.check_full_integer(path, len(layers), lut_form="select")
+        with pytest.raises(ExportError, match=r"0 LESS ops, expected 3 per select-lowered LUT layer × 4"):
+            tflite.check_full_integer(path, {n: "select" for n in layers})
 
     # every LUT, cut out of the file with its own ops: all 256 input codes → the code table
     data = path.read_bytes()
@@ -255,13 +260,137 @@ def test_a_wrong_constant_in_a_branch_free_lut_is_caught(tmp_path, monkeypatch, 
     data = tflite.convert(graph, x)
     with pytest.raises(ExportError, match=rf"layer layer: the TFLite LUT \({form}\) maps 1 of 256 codes off the table "
                                           rf"in LiteRT \+ XNNPACK, e.g. code 11 → 6, expected 14"):
-        tflite.check_lut_codes(data, graph.luts, form)
+        tflite.check_lut_codes(data, graph.luts, graph.lut_forms)
     # and the whole export refuses it (the float check against onnxruntime sees it first)
     onnx.save(proto, str(tmp_path / "lut.onnx"))
     with pytest.raises(ExportError):
         tflite.export_tflite(tmp_path / "lut.onnx", tmp_path / "lut.tflite", calibration=x,
                              layer_quant={"layer": aq}, lut_form=form)
     assert not (tmp_path / "lut.tflite").exists()
+
+
+# ----------------------------------------------------------------------------- the default and its fallback
+
+def test_the_default_export_is_saturate_everywhere(lenet_lut_run):
+    """ExportConfig, `export` and `demo` default to saturate; a default export of LeNet5 holds it
+    at every layer (no LESS/SELECT_V2 at all) and says so in the manifest and the file."""
+    import json
+
+    from click.testing import CliRunner
+
+    from deploy_kit.cli import main
+    from deploy_kit.demo import DemoConfig
+    from deploy_kit.export import ExportConfig
+
+    assert ExportConfig(result_path=Path("r.json")).lut_form == DemoConfig().lut_form == "saturate"
+    for command in ("export", "demo"):
+        help_text = " ".join(CliRunner().invoke(main, [command, "--help"]).output.split())
+        assert "[default: saturate]" in help_text, command
+    exports, teacher = lenet_lut_run("saturate")  # made without a lut_form
+    manifest = json.loads((exports / "manifest.json").read_text())
+    entry = next(a for a in manifest["artifacts"] if a["target"] == "tflite" and a["variant"] == "lut")
+    assert manifest["lut_form"] == entry["lut_form"] == "saturate"
+    assert entry["lut_forms"] == {n: "saturate" for n in teacher.layer_quant}
+    assert "LESS" not in entry["ops"] and "SELECT_V2" not in entry["ops"]
+
+
+def _lut_chain_model(luts: dict[str, LayerLUT], aq: ActivationQuant, hw: int = 16) -> onnx.ModelProto:
+    """input → Q/DQ → [<layer>/lut Less/Where ×3 → Q/DQ] per layer, in order → output: several
+    LUT layers in one file, each named as the rewrite names them."""
+    from onnx import TensorProto, helper
+
+    from test_onnx_to_tf import _const, _qdq
+
+    nodes, inits, x = _qdq("input_q", "input", aq.scale, aq.zero_point)
+    for layer, lut in luts.items():
+        consts = zip(("t1", "t2", "tmax", "v0", "v1", "v2"), (*lut.thresholds(aq), *lut.levels(aq)))
+        inits += [_const(f"{layer}/lut/{k}", np.float32(v)) for k, v in consts]
+        y = x
+        for t, v in (("tmax", "v2"), ("t2", "v1"), ("t1", "v0")):
+            nodes.append(helper.make_node("Less", [x, f"{layer}/lut/{t}"], [f"{layer}/lut/below_{t}"],
+                                          name=f"{layer}/lut/Less_{t}"))
+            nodes.append(helper.make_node("Where", [f"{layer}/lut/below_{t}", f"{layer}/lut/{v}", y],
+                                          [f"{layer}/lut/out_{t}"], name=f"{layer}/lut/Where_{t}"))
+            y = f"{layer}/lut/out_{t}"
+        more_nodes, more_inits, x = _qdq(f"{layer}/out", y, aq.scale, aq.zero_point)
+        nodes, inits = nodes + more_nodes, inits + more_inits
+    nodes.append(helper.make_node("Identity", [x], ["output"], name="output/Identity"))
+    shape = [1, 1, hw, hw]
+    graph = helper.make_graph(nodes, "lut_chain", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+# A plan that is exact in float but not in int8: pair(3, 10) with a gain of exactly M/(b−a) = 1,
+# which saturate_plan once chose (commit 0f96e3c) and now never does — the converter folds that MUL
+# together with the clamp at T, and most codes come out off the table. It is a real plan of real
+# terms, so the export converts it for real and only the 256-code check in LiteRT can refuse it.
+UNIT_GAIN_LUT = LayerLUT(3, 7, 10, 12, 20)
+UNIT_GAIN_PLAN = [("pair", 3, 10, 7, 12), ("step", 20, 9), ("ramp", 20)]
+
+
+def test_a_layer_whose_saturate_lut_is_not_exact_falls_back_to_select_alone(tmp_path, monkeypatch):
+    """The seam: saturate_plan, which the translator asks for each layer's terms. Layer `a` gets
+    the unit-gain plan: its saturate LUT fails the code check, so the export re-lowers `a` alone
+    with select and converts again; `b` keeps saturate. The file is full-integer with exactly one
+    layer's LESS/SELECT_V2, every LUT in it maps all 256 codes (XNNPACK and builtin kernels), the
+    whole file maps each code through both, and the manifest details and metadata say which layer
+    got which form and why."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    aq = ActivationQuant(0.0213, 0)
+    luts = {"a": UNIT_GAIN_LUT, "b": LayerLUT(3, 6, 10, 14, 20)}
+    real_plan = onnx_to_tf.saturate_plan
+    monkeypatch.setattr(onnx_to_tf, "saturate_plan",
+                        lambda lut, quant: UNIT_GAIN_PLAN if lut == UNIT_GAIN_LUT else real_plan(lut, quant))
+    onnx.save(_lut_chain_model(luts, aq), str(tmp_path / "luts.onnx"))
+    codes = np.arange(256).reshape(1, 1, 16, 16)
+    details = tflite.export_tflite(tmp_path / "luts.onnx", tmp_path / "luts.tflite", calibration=aq.value(codes).astype(np.float32),
+                                   layer_quant={"a": aq, "b": aq})
+
+    assert details["lut_form"] == "saturate" and details["lut_forms"] == {"a": "select", "b": "saturate"}
+    assert list(details["lut_fallbacks"]) == ["a"] and "codes off the table" in details["lut_fallbacks"]["a"]
+    assert details["lut_ops"]["a"] == {"LESS": 3, "SELECT_V2": 3}
+    assert set(details["lut_ops"]["b"]) <= tflite.LUT_OPS["saturate"]
+    data = (tmp_path / "luts.tflite").read_bytes()
+    meta = tflite.read_metadata(data)
+    assert meta["lut_form"] == "saturate" and meta["lut_forms"] == details["lut_forms"]
+    tflite.check_full_integer(data, details["lut_forms"])  # LESS/SELECT_V2 for `a` only
+    with pytest.raises(ExportError, match=r"3 LESS ops, expected 3 per select-lowered LUT layer × 0"):
+        tflite.check_full_integer(data, {"a": "saturate", "b": "saturate"})
+    tflite.check_lut_codes(data, {n: (lut, aq) for n, lut in luts.items()}, details["lut_forms"])
+
+    interpreter = Interpreter(model_content=data)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], (codes.transpose(0, 2, 3, 1) - 128).astype(np.int8))
+    interpreter.invoke()
+    got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).astype(np.int32) + 128
+    want = luts["b"].apply_codes(luts["a"].apply_codes(codes, 0), 0)
+    np.testing.assert_array_equal(got.transpose(0, 3, 1, 2), want)
+
+
+def test_the_unit_gain_plan_really_breaks_the_saturate_lut(tmp_path, monkeypatch):
+    """The fallback test's premise, checked on its own: lowered with that plan, the converted LUT
+    maps codes off the table (else the fallback above would prove nothing)."""
+    aq = ActivationQuant(0.0213, 0)
+    real_plan = onnx_to_tf.saturate_plan
+    monkeypatch.setattr(onnx_to_tf, "saturate_plan",
+                        lambda lut, quant: UNIT_GAIN_PLAN if lut == UNIT_GAIN_LUT else real_plan(lut, quant))
+    proto, x = _lut_model(tmp_path, UNIT_GAIN_LUT, aq)
+    graph = onnx_to_tf.read_graph(proto, "saturate")
+    _, wrong = tflite.lut_code_report(tflite.convert(graph, x), graph.luts, graph.lut_forms)
+    assert list(wrong) == ["layer"] and "LiteRT + XNNPACK" in wrong["layer"]
+
+
+def test_a_layer_without_a_saturate_plan_is_lowered_with_select():
+    """v1 below the zero point: the staircase is not monotone, so saturate has no plan for it; the
+    translator picks select for that layer at once (no conversion spent), and says why."""
+    aq = ActivationQuant(0.02, 3)
+    proto = _lut_chain_model({"a": LayerLUT(1, 2, 5, 8, 20), "b": LayerLUT(5, 9, 20, 31, 60)}, aq)
+    graph = onnx_to_tf.read_graph(proto)  # the default form
+    assert graph.lut_forms == {"a": "select", "b": "saturate"}
+    assert list(graph.fallbacks) == ["a"] and "not monotone" in graph.fallbacks["a"]
+    assert onnx_to_tf.read_graph(proto, "select").fallbacks == {}  # an explicit select is all-select
 
 
 def test_export_config_rejects_an_unknown_lut_form(tmp_path):

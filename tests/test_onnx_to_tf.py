@@ -134,7 +134,8 @@ def test_zoo_architecture_converts_to_full_integer(arch, lut_form, tmp_path):
     calibration = np.random.default_rng(2).normal(size=(8, 3, 32, 32)).astype(np.float32)
     details = tflite.export_tflite(path, tmp_path / "model.tflite", calibration=calibration, lut_form=lut_form)
     layers = len(teacher.model.taps())
-    info = tflite.check_full_integer(tmp_path / "model.tflite", layers, lut_form=lut_form)
+    assert details["lut_forms"] == {n: lut_form for n in teacher.model.taps()}  # no layer fell back
+    info = tflite.check_full_integer(tmp_path / "model.tflite", details["lut_forms"])
     if lut_form == "select":
         assert info["ops"]["LESS"] == 3 * layers and info["ops"]["SELECT_V2"] == 3 * layers
     else:
@@ -161,8 +162,9 @@ def test_lut_layer_int8_codes_equal_the_code_table_for_every_code(tmp_path, aq, 
     onnx.save(lut_layer_model(lut, aq), str(path))
     codes = np.arange(256).reshape(1, 1, 16, 16)
     x = aq.value(codes).astype(np.float32)
-    details = tflite.export_tflite(path, tmp_path / "lut.tflite", io=io, calibration=x, layer_quant={"layer": aq})
-    info = tflite.check_full_integer(tmp_path / "lut.tflite", lut_layers=1, io=io)
+    details = tflite.export_tflite(path, tmp_path / "lut.tflite", io=io, calibration=x, layer_quant={"layer": aq},
+                                   lut_form="select")
+    info = tflite.check_full_integer(tmp_path / "lut.tflite", {"layer": "select"}, io=io)
     assert info["ops"]["LESS"] == 3 and info["ops"]["SELECT_V2"] == 3
 
     interpreter = Interpreter(model_path=str(tmp_path / "lut.tflite"))
@@ -188,10 +190,10 @@ def test_checker_rejects_float_tensors_and_wrong_lut_op_counts(tmp_path):
     path = tmp_path / "lut.onnx"
     onnx.save(lut_layer_model(LUT, aq), str(path))
     x = aq.value(np.arange(256).reshape(1, 1, 16, 16)).astype(np.float32)
-    tflite.export_tflite(path, tmp_path / "lut.tflite", io="float", calibration=x)
+    tflite.export_tflite(path, tmp_path / "lut.tflite", io="float", calibration=x, lut_form="select")
     with pytest.raises(ExportError, match="not full-integer"):  # float I/O is only allowed when asked
-        tflite.check_full_integer(tmp_path / "lut.tflite", lut_layers=1, io="int8")
-    with pytest.raises(ExportError, match="3 LESS ops, expected 3 per LUT layer × 2"):
-        tflite.check_full_integer(tmp_path / "lut.tflite", lut_layers=2, io="float")
+        tflite.check_full_integer(tmp_path / "lut.tflite", {"layer": "select"}, io="int8")
+    with pytest.raises(ExportError, match=r"3 LESS ops, expected 3 per select-lowered LUT layer × 2 \(layer, other;"):
+        tflite.check_full_integer(tmp_path / "lut.tflite", {"layer": "select", "other": "select"}, io="float")
     with pytest.raises(ExportError, match="layer layer: TFLite LUT tensor .* expected the teacher's 0.025"):
         tflite.check_lut_grid((tmp_path / "lut.tflite").read_bytes(), {"layer": ActivationQuant(0.025, 0)})

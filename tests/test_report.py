@@ -66,9 +66,10 @@ def test_report_has_one_figure_per_layer_and_notes_for_missing_stages(searched_r
     assert "greedy (chosen)" in page and "random" in page
     for code in ("t1", "v1", "t2", "v2", "tmax"):
         assert f"{code}={result['layers']['conv1'][code + '_code']}" in page
-    # verify and bench have not run: their sections say so and name the command to run
-    assert set(summary["missing"]) == {"verify", "bench"}
+    # finetune, verify and bench have not run: their sections say so and name the command to run
+    assert set(summary["missing"]) == {"finetune", "verify", "bench"}
     assert "deploykit verify --exports" in page and "deploykit bench --exports" in page
+    assert "deploykit finetune --config" in page
 
 
 def test_report_renders_in_headless_chromium(report, chromium, tmp_path):
@@ -129,13 +130,15 @@ def test_report_cli(lenet_teacher, tmp_path):
 
 @pytest.mark.slow
 def test_report_of_a_full_pipeline(searched_run, tmp_path):
-    """export (ONNX + ORT) → verify → bench → report: the table and bars come from real files."""
+    """finetune → export (ONNX + ORT) → verify → bench → report: the table and bars come from real files."""
     from deploy_kit.bench import BenchConfig, bench_exports
     from deploy_kit.export import ExportConfig, export
+    from deploy_kit.finetune import FinetuneConfig, finetune
     from deploy_kit.verify import VerifyConfig, verify_exports
 
     run = tmp_path / "run"
     shutil.copytree(searched_run, run, ignore=shutil.ignore_patterns("baselines", REPORT_NAME))
+    finetune(FinetuneConfig(result_path=run / "result.json", epochs=1, max_train=200, device="cpu"))
     export(ExportConfig(result_path=run / "result.json", targets=("onnx", "ort")))
     verify_exports(VerifyConfig(exports=run / "exports"), progress=False)
     bench_exports(BenchConfig(exports=run / "exports", warmup=2, repeats=5, repeats32=2), progress=False)

@@ -25,8 +25,9 @@ from exporters.onnx_to_tf import LUT_FORMS
               help="Search budget (reward evaluations); twice `search`'s default, for a lower-KL configuration.")
 @click.option("--finetune-epochs", default=8, show_default=True, type=click.IntRange(min=0),
               help="Fine-tuning epochs with the LUTs in place (`deploykit finetune`); 0 skips the stage.")
-@click.option("--lut-form", default="select", show_default=True, type=click.Choice(LUT_FORMS),
-              help="How the TFLite export lowers each LUT; saturate is the fast one in LiteRT (see `export --help`).")
+@click.option("--lut-form", default="saturate", show_default=True, type=click.Choice(LUT_FORMS),
+              help="How the TFLite export lowers each LUT; saturate, the default, is the fast one in LiteRT "
+                   "(see `export --help`).")
 @click.option("--bench-repeats", default=100, show_default=True, help="Timed batch-1 runs per artifact.")
 @click.option("--seed", default=0, show_default=True, help="Seeds training, the search and the bench inputs.")
 @click.option("--force", is_flag=True, help="Replace the outputs of a previous run in --out.")

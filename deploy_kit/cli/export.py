@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from deploy_kit.cli import emit, handle_errors, json_option, say
-from exporters.onnx_to_tf import LUT_FORMS
+from exporters.onnx_to_tf import DEFAULT_LUT_FORM, LUT_FORMS
 from exporters.registry import ALL, TARGETS
 
 
@@ -21,12 +21,13 @@ from exporters.registry import ALL, TARGETS
               help="Export target (repeatable). model.onnx is always written: every target converts it.")
 @click.option("--io", default="int8", show_default=True, type=click.Choice(["int8", "float"]),
               help="TFLite input/output type (ONNX and ORT take and return float).")
-@click.option("--lut-form", default="select", show_default=True, type=click.Choice(LUT_FORMS),
-              help="How the TFLite file lowers each LUT: select = 3 LESS + 3 SELECT_V2 (the ONNX graph's ops); "
-                   "minmax = clamps by MAXIMUM/MINIMUM/SUB/MUL/ADD; saturate = 5-7 int8 ops per layer clamped by "
-                   "int8 saturation (SUB/MUL/ADD/LEAKY_RELU, all taken by XNNPACK) — the fast one for phones. "
-                   "All are exact on the 256 codes, and run a LUT that feeds a MaxPool after it; "
-                   "ONNX/ORT keep Less/Where.")
+@click.option("--lut-form", default=DEFAULT_LUT_FORM, show_default=True, type=click.Choice(LUT_FORMS),
+              help="How the TFLite file lowers each LUT. saturate (default) = 5-7 int8 ops per layer clamped by "
+                   "int8 saturation (SUB/MUL/ADD/LEAKY_RELU), all taken by XNNPACK: the fastest form, about the "
+                   "ReLU model's speed; a layer whose saturate LUT is not exact on all 256 codes at export falls "
+                   "back to select alone (manifest lut_forms). select = 3 LESS + 3 SELECT_V2 (the ONNX graph's "
+                   "ops) everywhere; minmax = clamps by MAXIMUM/MINIMUM/SUB/MUL/ADD. All are checked on the "
+                   "256 codes and run a LUT that feeds a MaxPool after it; ONNX/ORT keep Less/Where.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Exports folder; default: <folder of result.json>/exports.")
 @click.option("--force", is_flag=True, help="Replace an existing exports folder.")
@@ -42,7 +43,7 @@ def command(result_path, teacher_path, targets, io, lut_form, out, force, as_jso
     Example:
       deploykit export --config runs/lenet5/result.json --target all
       deploykit export --config result.json --teacher runs/lenet5 --target tflite --io float --out /tmp/x
-      deploykit export --config runs/lenet5/result.json --target tflite --lut-form saturate --force
+      deploykit export --config runs/lenet5/result.json --target tflite --lut-form select --force
     """
     from deploy_kit.export import ExportConfig, export
 

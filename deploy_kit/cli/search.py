@@ -25,7 +25,11 @@ def _layer_list(_ctx, _param, value):
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
               help="Where the reward passes run (auto: CUDA when present); validation re-scoring is on the CPU.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="result.json to write [default: TEACHER/result.json]; search_log.jsonl goes next to it.")
+              help="result.json to write [default: TEACHER/result.json]; its log goes next to it (search_log.jsonl, "
+                   "or search_log.NAME.jsonl for NAME.json).")
+@click.option("--from-student", type=click.Path(path_type=Path), default=None,
+              help="Re-search the codes for the fine-tuned student this result.json names (reward still against "
+                   "the teacher); `deploykit finetune` on the new result then starts from that student.")
 @click.option("--layers", callback=_layer_list, default=None,
               help="Comma-separated layers to approximate (default: all); the others keep their ReLU.")
 @click.option("--max-acc-drop", default=1.0, show_default=True,
@@ -40,7 +44,7 @@ def _layer_list(_ctx, _param, value):
 @click.option("--force", is_flag=True, help="Overwrite an existing result.json.")
 @json_option
 @handle_errors
-def command(teacher, method, episodes, seed, device, out, layers, max_acc_drop, top_n, temperature, at_weight,
+def command(teacher, method, episodes, seed, device, out, from_student, layers, max_acc_drop, top_n, temperature, at_weight,
             reward_images, tmax_percentile, tmax_offset, tmax_fixed, force, as_json):
     """Search each layer's staircase codes (t1, v1, t2, v2, tmax) so the student stays close to
     the teacher: reward = −(KL + λ·attention transfer) on train images; the top candidates are
@@ -66,7 +70,7 @@ def command(teacher, method, episodes, seed, device, out, layers, max_acc_drop, 
         bar.set_postfix(best=f"{ev.best_reward:.4f}", drop=f"{ev.score.acc_drop:.1f}pt", refresh=False)
 
     try:
-        outcome = run_search(teacher, cfg, out=out, force=force, on_evaluation=progress)
+        outcome = run_search(teacher, cfg, out=out, force=force, on_evaluation=progress, from_student=from_student)
     finally:
         bar.close()
     s, m = outcome.summary(), outcome.result.metrics

@@ -39,6 +39,14 @@ from deploy_kit.teacher import SIDECAR_NAME, Teacher, load_teacher
 METHODS = ("ppo", "random", "greedy")
 LOG_NAME = "search_log.jsonl"
 
+
+def log_path_for(result_path: Path) -> Path:
+    """result.json → search_log.jsonl beside it; any other name X.json → search_log.X.jsonl, so a
+    second search into the same folder (a baseline, a re-search) never replaces the first's log."""
+    result_path = Path(result_path)
+    name = LOG_NAME if result_path.name == "result.json" else f"search_log.{result_path.stem}.jsonl"
+    return result_path.with_name(name)
+
 __all__ = ["METHODS", "SearchConfig", "SearchOutcome", "run_search", "search_layers", "RewardConfig", "PPOConfig",
            "TmaxRule", "CodeSpace"]
 
@@ -125,19 +133,26 @@ def _train_images(ds: Dataset, n: int, seed: int) -> tuple[torch.Tensor, torch.T
 
 
 def run_search(teacher_path: Path, cfg: SearchConfig, out: Path | None = None, force: bool = False,
-               on_evaluation: Callable[[Evaluation], None] | None = None) -> SearchOutcome:
+               on_evaluation: Callable[[Evaluation], None] | None = None,
+               from_student: Path | None = None) -> SearchOutcome:
+    """Search codes for the teacher's weights, or — `from_student`, a result.json that names a
+    fine-tuned student — re-search them for that student's weights (still rewarded against the
+    teacher); `deploykit finetune` on the new result.json then starts from those weights."""
     start = time.perf_counter()
     teacher = load_teacher(teacher_path)
     out = Path(out) if out else teacher.weights_path.parent / "result.json"
     check_writable(out, force)
+    check_writable(log_path_for(out), force)
+    base, base_record = _base_student(from_student, teacher, out)
     layers = search_layers(teacher, cfg.layers)
     ds = _dataset(teacher.meta["data"], teacher.meta["seed"])
     torch.manual_seed(cfg.seed)
     quant = {n: teacher.layer_quant[n] for n in layers}
     x, _ = _train_images(ds, cfg.state_images, cfg.seed)
-    states = list(layer_states(teacher.model, layers, quant, x, cfg.tmax, cfg.space).values())
+    states = list(layer_states((base or teacher).model, layers, quant, x, cfg.tmax, cfg.space).values())
     xr, yr = _train_images(ds, cfg.reward.images, cfg.seed)
-    reward = RewardModel(teacher.model, quant, layers, xr, yr, cfg.reward, resolve_device(cfg.device))
+    reward = RewardModel(teacher.model, quant, layers, xr, yr, cfg.reward, resolve_device(cfg.device),
+                         base_model=base.model if base else None)
     trace = Trace(reward, cfg.episodes, on_evaluation)
     if cfg.method == "ppo":
         ppo_search(trace, states, cfg.space, cfg.ppo, cfg.seed)
@@ -145,19 +160,36 @@ def run_search(teacher_path: Path, cfg: SearchConfig, out: Path | None = None, f
         random_search(trace, states, cfg.space, cfg.seed)
     else:
         greedy_search(trace, states, cfg.space, cfg.seed)
-    chosen = select(teacher, ds, trace.top(cfg.top_n), cfg.max_acc_drop)
-    result = _result(teacher, out, cfg, layers, trace, chosen, ds)
+    chosen = select(teacher, ds, trace.top(cfg.top_n), cfg.max_acc_drop, base)
+    result = _result(teacher, out, cfg, layers, trace, chosen, ds, base, base_record)
     seconds = time.perf_counter() - start
     write_json(out, result.to_json())
-    log_path = out.with_name(LOG_NAME)
+    log_path = log_path_for(out)
     _write_log(log_path, trace.evaluations, seconds)
     return SearchOutcome(out, log_path, result, trace.evaluations, seconds)
 
 
+def _base_student(from_student: Path | None, teacher: Teacher, out: Path) -> tuple[Teacher | None, dict | None]:
+    """The fine-tuned student a re-search starts from, and its record for result.json."""
+    if from_student is None:
+        return None, None
+    from deploy_kit.result import load_result
+    from deploy_kit.student import SIDECAR_NAME as STUDENT_SIDECAR, load_student, relative
+
+    previous = load_result(Path(from_student))
+    base = load_student(previous, teacher)
+    if base is None:
+        raise ConfigError(f"--from-student {from_student}: names no fine-tuned student; run `deploykit finetune "
+                          f"--config {from_student}` first")
+    sidecar = base.weights_path.with_name(STUDENT_SIDECAR)
+    return base, {"path": relative(sidecar, out.resolve().parent), "sha256": previous.student["sha256"],
+                  "weights_sha256": base.sha256}
+
+
 def _result(teacher: Teacher, out: Path, cfg: SearchConfig, layers: list[str], trace: Trace, sel: Selection,
-            ds: Dataset) -> SearchResult:
+            ds: Dataset, base: Teacher | None = None, base_record: dict | None = None) -> SearchResult:
     cand = sel.chosen.evaluation.candidate
-    acc_t, acc_s = split_accuracy(teacher, ds, "test"), split_accuracy(teacher, ds, "test", cand)
+    acc_t, acc_s = split_accuracy(teacher, ds, "test"), split_accuracy(base or teacher, ds, "test", cand)
     score = sel.chosen.evaluation.score
     metrics = {"acc_teacher": acc_t, "acc_student": acc_s, "acc_drop": round(acc_t - acc_s, 2),
                "split": "test", "acc_teacher_int8": teacher.meta.get("accuracy", {}).get("int8", {}).get("test"),
@@ -169,7 +201,8 @@ def _result(teacher: Teacher, out: Path, cfg: SearchConfig, layers: list[str], t
                         backend=teacher.meta.get("backend", "qnnpack"), selection=sel.note, metrics=metrics,
                         teacher={"path": os.path.relpath(sidecar.resolve(), out.resolve().parent),
                                  "sha256": teacher.sha256},
-                        search=cfg.to_json(len(trace.evaluations), layers),
+                        search={**cfg.to_json(len(trace.evaluations), layers),
+                                **({"base_student": base_record} if base_record else {})},
                         candidates=[r.to_json(i + 1) for i, r in enumerate(sel.ranked)])
 
 

@@ -92,23 +92,19 @@ class RewardModel:
     """Scores candidate LUT sets (dicts layer → LayerLUT) against the cached teacher."""
 
     def __init__(self, teacher_model: ZooModel, quant: dict[str, ActivationQuant], layers: list[str],
-                 x: torch.Tensor, labels: torch.Tensor, cfg: RewardConfig, device: torch.device = torch.device("cpu")):
+                 x: torch.Tensor, labels: torch.Tensor, cfg: RewardConfig, device: torch.device = torch.device("cpu"),
+                 base_model: ZooModel | None = None):
+        """`base_model`: the weights the candidate students run with (a fine-tuned student, to
+        re-search its codes); default the teacher's. The reward is always against the teacher."""
         self.cfg, self.quant, self.layers, self.device = cfg, quant, list(layers), device
-        self.model = copy.deepcopy(teacher_model).eval()
-        for tap in self.model.taps().values():
-            tap.fn = None
-        if device.type != "cpu":
-            # The runtime arithmetic is the CPU reference path; on an accelerator the reward uses
-            # the fake-quant forward (same weights and grids, a code apart at a few places). The
-            # validation re-scoring that selects the result runs on the CPU either way.
-            from deploy_kit.quant import use_runtime_arithmetic
-
-            use_runtime_arithmetic(self.model, on=False)
-            self.model.to(device)
-            x, labels = x.to(device), labels.to(device)
+        self.model = self._prepared(teacher_model)
+        x, labels = x.to(device), labels.to(device)
         self.labels = labels
         with torch.no_grad():
             self.start, self.t_logits, t_feats = self._teacher_pass(x)
+            if base_model is not None:
+                self.model = self._prepared(base_model)
+                self.start = self._teacher_pass(x)[0]
         self.at_layers = self._at_layers(t_feats)
         self.t_maps = {n: attention_map(t_feats[n]) for n in self.at_layers}
         self.t_logp = F.log_softmax(self.t_logits / cfg.temperature, dim=1)
@@ -116,6 +112,20 @@ class RewardModel:
         per_image = max(f[0].numel() for f in t_feats.values()) * 4 * 3  # a few live tensors per stage
         self.stack = max(1, STACK_BYTES // (per_image * len(x)))
         self.suffix = suffix_modules(self.model, self.layers[0])
+
+    def _prepared(self, model: ZooModel) -> ZooModel:
+        model = copy.deepcopy(model).eval()
+        for tap in model.taps().values():
+            tap.fn = None
+        if self.device.type != "cpu":
+            # The runtime arithmetic is the CPU reference path; on an accelerator the reward uses
+            # the fake-quant forward (same weights and grids, a code apart at a few places). The
+            # validation re-scoring that selects the result runs on the CPU either way.
+            from deploy_kit.quant import use_runtime_arithmetic
+
+            use_runtime_arithmetic(model, on=False)
+            model.to(self.device)
+        return model
 
     def _teacher_pass(self, x):
         taps = self.model.taps()

@@ -38,13 +38,15 @@ def split_accuracy(teacher: Teacher, ds: Dataset, split: str, luts=None) -> floa
     return accuracy(predict(model, s, ds), s.labels)
 
 
-def select(teacher: Teacher, ds: Dataset, top: list[Evaluation], max_acc_drop: float) -> Selection:
+def select(teacher: Teacher, ds: Dataset, top: list[Evaluation], max_acc_drop: float,
+           base: Teacher | None = None) -> Selection:
     """The highest-reward candidate whose validation drop is within `max_acc_drop` points,
-    else the most accurate one on validation."""
+    else the most accurate one on validation. Candidates run with `base`'s weights (a fine-tuned
+    student being re-searched), default the teacher's; the drop is against the teacher."""
     val_teacher = split_accuracy(teacher, ds, "val")
     ranked = []
     for ev in top:
-        acc = split_accuracy(teacher, ds, "val", ev.candidate)
+        acc = split_accuracy(base or teacher, ds, "val", ev.candidate)
         ranked.append(Rescored(ev, acc, round(val_teacher - acc, 2)))
     within = [r for r in ranked if r.val_drop <= max_acc_drop]
     if within:
