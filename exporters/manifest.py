@@ -52,9 +52,10 @@ def layers_entry(luts: dict[str, LayerLUT], layer_quant: dict[str, ActivationQua
 
 
 def base_manifest(teacher, result, luts: dict[str, LayerLUT], layer_quant: dict[str, ActivationQuant],
-                  out_dir: Path, io: str, calibration: dict | None, lut_form: str = "select", student=None) -> dict:
+                  out_dir: Path, io: str, calibration: dict | None, lut_form: str = "saturate", student=None) -> dict:
     """Everything but the artifacts: what the exports were made from and how to feed them.
-    `lut_form` is how the TFLite files lower each LUT (ONNX/ORT always hold Less/Where).
+    `lut_form` is the form asked for the TFLite files' LUTs; each tflite entry's `lut_forms`
+    says what each layer got (`select` where a saturate plan could not be proven).
     `student` (a fine-tuned student, `deploy_kit.student.load_student`) is recorded when the
     LUT variant carries its weights; the relu/ variant is always the teacher's."""
     sidecar = teacher.weights_path.with_name("teacher.json")

@@ -20,6 +20,8 @@ Conventions, fixed once:
 - LUTs. Each layer's Less/Where chain is recognised once (`Graph.luts`: its codes and grid) and
   replaced by one `LUT` node, lowered per `lut_form` (`LOWERINGS`): `select` is the chain's own
   ops (LESS + SELECT_V2), the branch-free forms clamps (docs/RUNTIMES.md has the measurements).
+  The form is chosen per layer (`Graph.lut_forms`): a `saturate` layer without a plan, or one
+  the exporter names in `select_layers` (its plan failed the code check), is lowered with `select`.
   A LUT followed by a MaxPool runs after the pool instead (`_pool_before_lut`: exact, since the
   LUT is monotone; `lut_pools` says which layers moved).
 """
@@ -44,6 +46,10 @@ LUT_NODE = "LUT"  # one layer's whole Less/Where chain, in a branch-free form (n
 # MAXIMUM/MINIMUM/SUB/MUL/ADD. `saturate`: a few terms whose clamps int8 saturation does for free
 # (`saturate_plan`), SUB/MUL/ADD/LEAKY_RELU: every op XNNPACK takes in int8.
 LUT_FORMS = ("select", "minmax", "saturate")
+# The default is the fastest form that is proven exact on all 256 codes at export (DESIGN §4b):
+# `saturate` runs whole in XNNPACK. A layer where it cannot be proven falls back to FALLBACK's form.
+DEFAULT_LUT_FORM = "saturate"
+FALLBACK = {"saturate": "select"}  # form → the form its unprovable layers get (select always holds)
 FOLDABLE = {"DequantizeLinear", "Identity"}
 QRANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 
@@ -69,6 +75,8 @@ class Graph:
     input_shape: tuple  # NCHW as in ONNX, batch dim may be None
     output_names: list[str]
     luts: dict[str, tuple[LayerLUT, ActivationQuant]] = field(default_factory=dict)  # layer → codes, grid
+    lut_forms: dict[str, str] = field(default_factory=dict)  # layer → the form it is lowered with
+    fallbacks: dict[str, str] = field(default_factory=dict)  # layer → why it did not get the asked form
 
     def nhwc_input_shape(self) -> tuple:
         s = self.input_shape
@@ -111,9 +119,11 @@ def _static_shape(value_info) -> tuple:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim)
 
 
-def read_graph(proto: onnx.ModelProto, lut_form: str = "select") -> Graph:
-    """Fold constants, fuse activation Q/DQ pairs, recognise the LUTs (lowered per `lut_form`);
-    keep the other nodes in graph order."""
+def read_graph(proto: onnx.ModelProto, lut_form: str = DEFAULT_LUT_FORM,
+               select_layers: frozenset[str] = frozenset()) -> Graph:
+    """Fold constants, fuse activation Q/DQ pairs, recognise the LUTs (lowered per `lut_form`,
+    except `select_layers` and layers without a plan in that form: see `layer_forms`); keep the
+    other nodes in graph order."""
     if lut_form not in LUT_FORMS:
         raise ExportError(f"lut_form must be one of {', '.join(LUT_FORMS)}, got {lut_form!r}")
     g = proto.graph
@@ -137,9 +147,10 @@ def read_graph(proto: onnx.ModelProto, lut_form: str = "select") -> Graph:
         raise ExportError(f"expected one graph input, found {[v.name for v in inputs]}")
     nodes = _fuse_fake_quant(nodes, constants, {o.name for o in g.output})
     luts = find_luts(nodes, constants)
-    nodes = _pool_before_lut(_lower_luts(nodes, luts, lut_form))
+    forms, fallbacks = layer_forms(luts, lut_form, select_layers)
+    nodes = _pool_before_lut(_lower_luts(nodes, luts, forms))
     return Graph(nodes, constants, inputs[0].name, _static_shape(inputs[0]), [o.name for o in g.output],
-                 {layer: (spec.lut, spec.quant) for layer, spec in luts.items()})
+                 {layer: (spec.lut, spec.quant) for layer, spec in luts.items()}, forms, fallbacks)
 
 
 def _qparams(node: Node, constants: dict) -> tuple[float, int, np.dtype]:
@@ -239,14 +250,35 @@ def _read_chain(layer: str, group: list[Node], producers: dict, constants: dict)
                     ActivationQuant(s, z, src.attrs["qmin"], src.attrs["qmax"]))
 
 
-def _lower_luts(nodes: list[Node], luts: dict[str, LutChain], form: str) -> list[Node]:
-    """Each chain → one LUT node (where its first node was: it reads only x and constants)."""
+def layer_forms(luts: dict[str, LutChain], form: str, select_layers: frozenset[str]) -> tuple[dict, dict]:
+    """({layer: form}, {layer: why it fell back}). Where `form` has a FALLBACK, a layer in
+    `select_layers` or one whose plan cannot be built (saturate_plan raises) gets the fallback
+    form instead of failing the export; a form without one raises at translation as before."""
+    forms, why = {}, {}
+    for layer, chain in luts.items():
+        forms[layer] = form
+        if form not in FALLBACK:
+            continue
+        if layer in select_layers:
+            forms[layer], why[layer] = FALLBACK[form], "its plan failed the 256-code check"
+            continue
+        try:
+            saturate_plan(chain.lut, chain.quant)
+        except ExportError as exc:
+            forms[layer], why[layer] = FALLBACK[form], f"no {form} plan: {exc}"
+    return forms, why
+
+
+def _lower_luts(nodes: list[Node], luts: dict[str, LutChain], forms: dict[str, str]) -> list[Node]:
+    """Each chain → one LUT node (where its first node was: it reads only x and constants),
+    lowered in its layer's form."""
     first = {chain.nodes[0].name: chain for chain in luts.values()}
     dropped = {n.name for chain in luts.values() for n in chain.nodes}
     out = []
     for n in nodes:
         if n.name in first:
             c = first[n.name]
+            form = forms[c.layer]
             out.append(Node(LUT_NODE, f"{c.layer}{LUT_SCOPE}{form}", (c.x,), (c.y,),
                             {"form": form, "lut": c.lut, "quant": c.quant}))
         elif n.name not in dropped:

@@ -59,7 +59,7 @@ TARGETS: dict[str, Target] = {
     "ort": Target("ort", "model.ort", "onnxruntime", "exporters.ort:export_ort",
                   "ORT Mobile flatbuffer + required_operators.config for a reduced build"),
     "tflite": Target("tflite", "model_int8.tflite", "litert", "exporters.tflite:export_tflite",
-                     "full-integer TFLite INT8 (int8 I/O unless --io float), LUT as LESS/SELECT_V2",
+                     "full-integer TFLite INT8 (int8 I/O unless --io float), LUT per --lut-form (default saturate)",
                      calibrated=True),
 }
 ALL = "all"

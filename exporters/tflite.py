@@ -8,9 +8,13 @@ Steps, each failing with an ExportError that says where:
 3. convert with int8 builtins only, calibrated on the given images (the fake-quant ranges win
    over calibration for every activation, so TFLite's codes are the teacher's codes);
 4. check the file: no float tensor (but float I/O when asked), no Flex/custom op, the LUT ops
-   of the chosen `lut_form` (3 LESS + 3 SELECT_V2 per LUT layer for `select`); every LUT tensor
-   on the teacher's grid, and every LUT, cut out of the file, maps all 256 input codes by the
-   code table (XNNPACK and builtin kernels); then embed the metadata and write atomically.
+   of each layer's form (3 LESS + 3 SELECT_V2 per `select` layer, none elsewhere); every LUT
+   tensor on the teacher's grid, and every LUT, cut out of the file, maps all 256 input codes by
+   the code table (XNNPACK and builtin kernels);
+5. with `saturate` (the default), a layer whose LUT fails that code check is lowered with
+   `select` instead — that layer alone — and steps 1–4 run again (`_convert_proven`); the form
+   each layer got is recorded (`lut_forms`, in the details and the file's metadata);
+6. embed the metadata and write atomically.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +37,9 @@ from exporters import onnx_to_tf
 IO_TYPES = ("int8", "float")
 FLOAT_CHECK_IMAGES = 4
 METADATA_NAME = "deploykit"  # the TFLite metadata entry holding the manifest metadata (JSON)
-OPS_PER_LUT = {"LESS": 3, "SELECT_V2": 3}  # lut_form="select"
+OPS_PER_LUT = {"LESS": 3, "SELECT_V2": 3}  # per layer lowered with `select`
 LUT_FORMS = onnx_to_tf.LUT_FORMS
+DEFAULT_LUT_FORM = onnx_to_tf.DEFAULT_LUT_FORM
 # The ops one layer's LUT may consist of, per branch-free form (checked on the chain cut out of
 # the file). `saturate` holds only int8 ops XNNPACK delegates (ADD/SUB/MUL, LEAKY_RELU).
 LUT_OPS = {"select": {"LESS", "SELECT_V2", "MUL"},  # MUL: the rescaled LESS input (LESS_MIN_SCALE)
@@ -79,10 +85,11 @@ def inspect(path_or_bytes) -> dict:
             "metadata": [m.name.decode() if isinstance(m.name, bytes) else m.name for m in model.metadata or []]}
 
 
-def check_full_integer(path_or_bytes, lut_layers: int, io: str = "int8", lut_form: str = "select") -> dict:
+def check_full_integer(path_or_bytes, lut_forms: dict[str, str], io: str = "int8") -> dict:
     """Raise ExportError unless the model is full-integer with exactly the expected LUT ops:
-    3 LESS + 3 SELECT_V2 per LUT layer for `select`, none of either for the branch-free forms
-    (their ops per layer are checked on each chain by check_lut_codes).
+    3 LESS + 3 SELECT_V2 per layer that `lut_forms` ({layer: form}) lowers with `select`, none
+    of either otherwise — so a saturate export holds them only for its fallback layers (the
+    branch-free chains' own ops are checked on each chain by check_lut_codes).
 
     Float tensors allowed: only the graph's own input/output when io="float" (and the single
     QUANTIZE/DEQUANTIZE edge tensors TFLite uses for them)."""
@@ -94,14 +101,13 @@ def check_full_integer(path_or_bytes, lut_layers: int, io: str = "int8", lut_for
     if stray:
         raise ExportError(f"TFLite model is not full-integer: {len(stray)} float tensor(s), e.g. {stray[:3]}; "
                           "an op was left in float (check the ops the converter kept)")
+    selects = sorted(layer for layer, form in lut_forms.items() if form == "select")
     for op, per_layer in OPS_PER_LUT.items():
         found = info["ops"].get(op, 0)
-        if lut_form == "select" and found != per_layer * lut_layers:
-            raise ExportError(f"TFLite model holds {found} {op} ops, expected {per_layer} per LUT layer × {lut_layers}; "
-                              f"ops: {info['ops']}")
-        if lut_form != "select" and found:
-            raise ExportError(f"TFLite model holds {found} {op} ops, expected none with lut_form={lut_form} "
-                              f"(the LUTs are branch-free); ops: {info['ops']}")
+        if found != per_layer * len(selects):
+            raise ExportError(f"TFLite model holds {found} {op} ops, expected {per_layer} per select-lowered LUT layer "
+                              f"× {len(selects)} ({', '.join(selects) or 'no such layer'}; the other LUTs are "
+                              f"branch-free); ops: {info['ops']}")
     return info
 
 
@@ -262,37 +268,84 @@ def _float_check_images(calibration: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(calibration[:FLOAT_CHECK_IMAGES], np.float32)
 
 
-def export_tflite(onnx_path: Path, out_path: Path, *, io: str = "int8", calibration: np.ndarray,
-                  layer_quant: dict[str, ActivationQuant] | None = None, lut_form: str = "select") -> dict:
-    """model.onnx → full-integer `out_path`; returns the manifest details (inputs/outputs, op
-    counts, LUT form, the float check's worst node, conversion seconds)."""
+@dataclass(frozen=True)
+class Conversion:
+    """One translation + conversion of the ONNX graph, checked: the file's bytes and what the
+    checks found. `wrong`: {layer: message} for the LUTs whose code table is off."""
+
+    graph: onnx_to_tf.Graph
+    tflite: bytes
+    info: dict
+    float_check: dict
+    lut_ops: dict
+    wrong: dict
+
+
+def _convert_checked(proto: onnx.ModelProto, calibration: np.ndarray, io: str, lut_form: str,
+                     layer_quant: dict[str, ActivationQuant] | None, select_layers: frozenset[str]) -> Conversion:
+    """Steps 1–4 of the module docstring, once; every failure but a LUT's code table raises."""
+    graph = onnx_to_tf.read_graph(proto, lut_form, select_layers)
+    onnx_to_tf.check_supported(graph)
+    t0 = time.perf_counter()
+    float_check = onnx_to_tf.check_against_onnxruntime(proto, graph, _float_check_images(calibration))
+    float_check["seconds"] = round(time.perf_counter() - t0, 2)
+    tflite = convert(graph, calibration, io)
+    info = check_full_integer(tflite, graph.lut_forms, io)
+    check_lut_grid(tflite, {n: layer_quant[n] for n in graph.luts if layer_quant and n in layer_quant})
+    lut_ops, wrong = lut_code_report(tflite, graph.luts, graph.lut_forms)
+    return Conversion(graph, tflite, info, float_check, lut_ops, wrong)
+
+
+def _convert_proven(proto: onnx.ModelProto, calibration: np.ndarray, io: str, lut_form: str,
+                    layer_quant: dict[str, ActivationQuant] | None) -> tuple[Conversion, dict[str, str]]:
+    """Convert until every LUT maps all 256 codes by the table. A layer of a form with a
+    FALLBACK that fails is re-lowered in the fallback form (`select`, the ONNX graph's own ops)
+    and the whole file converted again — the converter assigns scales and constants per file,
+    so the others are re-checked too. Returns the conversion and {layer: why it fell back}."""
+    select: frozenset[str] = frozenset()
+    reasons: dict[str, str] = {}
+    while True:
+        conv = _convert_checked(proto, calibration, io, lut_form, layer_quant, select)
+        reasons = {**conv.graph.fallbacks, **reasons}
+        unprovable = {layer: msg for layer, msg in conv.wrong.items()
+                      if conv.graph.lut_forms[layer] != onnx_to_tf.FALLBACK.get(lut_form)}
+        if not conv.wrong:
+            return conv, {layer: reasons[layer] for layer in sorted(conv.graph.fallbacks)}
+        broken = {layer: msg for layer, msg in conv.wrong.items() if layer not in unprovable}
+        if lut_form not in onnx_to_tf.FALLBACK or broken:  # no fallback, or the fallback form itself is off
+            raise ExportError(next(iter((broken or conv.wrong).values())))
+        reasons.update(unprovable)
+        select |= unprovable.keys()
+
+
+def _check_request(io: str, calibration: np.ndarray | None) -> None:
     if io not in IO_TYPES:
         raise ExportError(f"io must be one of {', '.join(IO_TYPES)}, got {io!r}")
     if calibration is None or len(calibration) == 0:
         raise ExportError("the TFLite target needs calibration images (NCHW float32); none were given")
+
+
+def export_tflite(onnx_path: Path, out_path: Path, *, io: str = "int8", calibration: np.ndarray,
+                  layer_quant: dict[str, ActivationQuant] | None = None, lut_form: str = DEFAULT_LUT_FORM) -> dict:
+    """model.onnx → full-integer `out_path`; returns the manifest details (inputs/outputs, op
+    counts, the LUT form asked and the one each layer got, the float check's worst node,
+    conversion seconds)."""
+    _check_request(io, calibration)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     proto = onnx.load(str(onnx_path))
-    graph = onnx_to_tf.read_graph(proto, lut_form)
-    onnx_to_tf.check_supported(graph)
     t0 = time.perf_counter()
-    float_check = onnx_to_tf.check_against_onnxruntime(proto, graph, _float_check_images(calibration))
-    t1 = time.perf_counter()
-    tflite = convert(graph, np.asarray(calibration, np.float32), io)
-    lut_layers = len(graph.luts)
-    info = check_full_integer(tflite, lut_layers, io, lut_form)
-    check_lut_grid(tflite, {n: layer_quant[n] for n in graph.luts if layer_quant and n in layer_quant})
-    lut_ops = check_lut_codes(tflite, graph.luts, lut_form)
-    pools = onnx_to_tf.lut_pools(graph)
-    tflite = finalize(tflite, {**_onnx_metadata(proto), "lut_form": lut_form, "lut_pools": pools},
-                      [graph.input_name], graph.output_names)
+    conv, fallbacks = _convert_proven(proto, np.asarray(calibration, np.float32), io, lut_form, layer_quant)
+    graph, pools = conv.graph, onnx_to_tf.lut_pools(conv.graph)
+    forms = dict(sorted(graph.lut_forms.items()))
+    tflite = finalize(conv.tflite, {**_onnx_metadata(proto), "lut_form": lut_form, "lut_forms": forms,
+                                    "lut_pools": pools}, [graph.input_name], graph.output_names)
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         tmp.write_bytes(tflite)
-    return {**io_details(out_path), "ops": info["ops"], "lut_layers": lut_layers, "lut_form": lut_form,
-            "lut_ops": lut_ops, "lut_pools": pools, "xnnpack_partitions": xnnpack_partitions(tflite),
-            "weights": weight_report(proto, tflite),
-            "float_check": {**float_check, "seconds": round(t1 - t0, 2)},
-            "convert_seconds": round(time.perf_counter() - t1, 2)}
+    return {**io_details(out_path), "ops": conv.info["ops"], "lut_layers": len(graph.luts), "lut_form": lut_form,
+            "lut_forms": forms, "lut_fallbacks": fallbacks, "lut_ops": conv.lut_ops, "lut_pools": pools,
+            "xnnpack_partitions": xnnpack_partitions(tflite), "weights": weight_report(proto, tflite),
+            "float_check": conv.float_check, "convert_seconds": round(time.perf_counter() - t0, 2)}
 
 
 def xnnpack_partitions(tflite: bytes) -> int:
@@ -419,30 +472,47 @@ def lut_code_table(model: bytes, default_delegates: bool = True) -> np.ndarray:
     return out[:256]
 
 
-def check_lut_codes(tflite: bytes, luts: dict[str, tuple[LayerLUT, ActivationQuant]], lut_form: str) -> dict:
-    """Every LUT in the file, cut out with its own ops, must map each of the 256 input codes as
-    LayerLUT.apply_codes does — in LiteRT with XNNPACK and with the builtin kernels, since the two
-    round differently. Returns {layer: op histogram of its chain}."""
+def lut_code_report(tflite: bytes, luts: dict[str, tuple[LayerLUT, ActivationQuant]],
+                    lut_forms: dict[str, str]) -> tuple[dict, dict]:
+    """Every LUT in the file, cut out with its own ops, against LayerLUT.apply_codes on each of
+    the 256 input codes — in LiteRT with XNNPACK and with the builtin kernels, since the two
+    round differently. Returns ({layer: op histogram of its chain}, {layer: what is off}).
+    An op outside the layer's form is a lowering bug, raised at once."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=bytes(tflite))
-    out = {}
+    ops_by_layer, wrong = {}, {}
     for layer, (lut, aq) in sorted(luts.items()):
+        form = lut_forms[layer]
         model, ops = lut_submodel(tflite, *lut_tensors(interpreter, layer))
-        stray = sorted(set(ops) - LUT_OPS[lut_form])
+        stray = sorted(set(ops) - LUT_OPS[form])
         if stray:
-            raise ExportError(f"layer {layer}: the TFLite LUT holds {stray}, expected only {sorted(LUT_OPS[lut_form])} "
-                              f"for lut_form={lut_form}")
-        codes = np.arange(256)
-        want = lut.apply_codes(codes, aq.zero_point)
-        for delegates, runtime in ((True, "LiteRT + XNNPACK"), (False, "LiteRT builtin kernels")):
-            got = lut_code_table(model, delegates)
-            wrong = np.flatnonzero(got != want)
-            if wrong.size:
-                q = int(wrong[0])
-                raise ExportError(f"layer {layer}: the TFLite LUT ({lut_form}) maps {wrong.size} of 256 codes off the "
-                                  f"table in {runtime}, e.g. code {q} → {got[q]}, expected {want[q]} "
-                                  f"({lut.describe()}); the lowering is wrong" +
-                                  (" — export with --lut-form select" if lut_form != "select" else ""))
-        out[layer] = dict(sorted(Counter(ops).items()))
-    return out
+            raise ExportError(f"layer {layer}: the TFLite LUT holds {stray}, expected only {sorted(LUT_OPS[form])} "
+                              f"for lut_form={form}")
+        ops_by_layer[layer] = dict(sorted(Counter(ops).items()))
+        message = _code_table_error(model, layer, lut, aq, form)
+        if message:
+            wrong[layer] = message
+    return ops_by_layer, wrong
+
+
+def _code_table_error(model: bytes, layer: str, lut: LayerLUT, aq: ActivationQuant, form: str) -> str | None:
+    want = lut.apply_codes(np.arange(256), aq.zero_point)
+    for delegates, runtime in ((True, "LiteRT + XNNPACK"), (False, "LiteRT builtin kernels")):
+        got = lut_code_table(model, delegates)
+        wrong = np.flatnonzero(got != want)
+        if wrong.size:
+            q = int(wrong[0])
+            return (f"layer {layer}: the TFLite LUT ({form}) maps {wrong.size} of 256 codes off the table in "
+                    f"{runtime}, e.g. code {q} → {got[q]}, expected {want[q]} ({lut.describe()}); the lowering is "
+                    "wrong" + (" — export with --lut-form select" if form not in ("select", *onnx_to_tf.FALLBACK) else ""))
+    return None
+
+
+def check_lut_codes(tflite: bytes, luts: dict[str, tuple[LayerLUT, ActivationQuant]], lut_forms: dict[str, str]) -> dict:
+    """lut_code_report, raising ExportError for the first LUT whose table is off; returns
+    {layer: op histogram of its chain}."""
+    ops_by_layer, wrong = lut_code_report(tflite, luts, lut_forms)
+    if wrong:
+        raise ExportError(next(iter(wrong.values())))
+    return ops_by_layer
