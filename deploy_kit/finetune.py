@@ -299,7 +299,7 @@ def _finetune(cfg: FinetuneConfig, inp: _Inputs, device: torch.device, progress)
     meta = _sidecar_meta(cfg, inp, ds, before, chosen, chosen_epoch, history, at_layers, device)
     meta.update(train_images=len(train), seconds=round(time.perf_counter() - start, 2),
                 images_per_s=round(trained / train_seconds, 1) if train_seconds else None)
-    sidecar, sha = save_student(chosen, meta, cfg.out_dir)
+    sidecar, sha, meta = save_student(chosen, meta, cfg.out_dir)
     result_path = _record_in_result(inp, sidecar, sha, meta)
     return FinetuneOutcome(sidecar, result_path, meta, time.perf_counter() - start)
 

@@ -28,15 +28,17 @@ def relative(path: Path, folder: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), Path(folder).resolve())).as_posix()
 
 
-def save_student(model, meta: dict, out_dir: Path) -> tuple[Path, str]:
-    """Write weights then sidecar, each atomically; returns the sidecar's path and sha256."""
+def save_student(model, meta: dict, out_dir: Path) -> tuple[Path, str, dict]:
+    """Write weights then sidecar, each atomically; returns the sidecar's path, its sha256 and
+    the content written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / WEIGHTS_NAME
     with atomic_path(weights) as tmp:
         save_file(state_dict_for_save(model), str(tmp))
     sidecar = out_dir / SIDECAR_NAME
-    write_json(sidecar, {"format": FORMAT, **meta, "weights": WEIGHTS_NAME, "weights_sha256": sha256_file(weights)})
-    return sidecar, sha256_file(sidecar)
+    meta = {"format": FORMAT, **meta, "weights": WEIGHTS_NAME, "weights_sha256": sha256_file(weights)}
+    write_json(sidecar, meta)
+    return sidecar, sha256_file(sidecar), meta
 
 
 def _inside(path: Path, folder: Path, what: str) -> Path:

@@ -145,6 +145,31 @@ def test_report_shows_before_and_after(tuned, tmp_path):
     assert f"after fine-tuning: student {a['after']['test']}%" in page
 
 
+def test_research_on_the_students_weights_then_finetune_continues_from_them(tuned, tmp_path):
+    from deploy_kit.search import PPOConfig, RewardConfig, SearchConfig, run_search
+
+    run, first = tuned
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = SearchConfig(episodes=8, reward=RewardConfig(images=32), state_images=256, ppo=PPOConfig(episodes_per_update=4),
+                       top_n=2)
+    again = run_search(copy, cfg, out=copy / "round2.json", from_student=copy / "result.json")
+    assert (copy / "search_log.round2.jsonl").is_file()
+    base = again.result.search["base_student"]
+    assert base["path"] == "student.json" and base["weights_sha256"] == first.meta["weights_sha256"]
+    second = finetune(FinetuneConfig(result_path=copy / "round2.json", out=copy / "round2", epochs=1, max_train=400,
+                                     ce_weight=0.0, device="cpu"))
+    assert second.meta["init"] == {"student": "../student.json", "weights_sha256": first.meta["weights_sha256"]}
+    # epoch 0 of round 2 is the re-searched student on the round-1 weights, as the search measured it
+    assert second.meta["accuracy"]["before"]["test"] == again.result.metrics["acc_student"]
+    # a base student changed afterwards is refused, not trained from
+    meta = json.loads((copy / "student.json").read_text())
+    meta["recipe"]["lr"] = 1.0
+    write_json(copy / "student.json", meta)
+    with pytest.raises(CheckpointError, match="differs from the one round2.json recorded"):
+        finetune(FinetuneConfig(result_path=copy / "round2.json", out=copy / "round3", epochs=1, device="cpu", force=True))
+
+
 def test_hash_chain_refuses_a_changed_result_or_teacher(tuned, tmp_path):
     run, _ = tuned
     copy = tmp_path / "copy"
