@@ -11,6 +11,7 @@ from deploy_kit.cli import main
 from deploy_kit.demo import STAGES
 
 RUN_FILES = ("teacher.safetensors", "teacher.json", "result.json", "search_log.jsonl", "report.html",
+             "student.safetensors", "student.json",
              "exports/manifest.json", "exports/verify.json", "exports/bench.json", "exports/bench.md",
              "exports/model.onnx", "exports/model.ort", "exports/model_int8.tflite",
              "exports/relu/model.onnx", "exports/relu/model.ort", "exports/relu/model_int8.tflite")
@@ -42,6 +43,12 @@ def test_demo_defaults_meet_every_verify_threshold(tmp_path):
     lut_rows = [r for r in verify["rows"] if r["checked"] and not r["artifact"].startswith("relu/")]
     assert {r["runtime"] for r in lut_rows} >= {"onnxruntime", "onnxruntime (ort)", "litert"}
     assert all(r["agreement_student"] >= 99.0 and r["drop_vs_teacher"] <= 1.0 for r in lut_rows)
+    # the LUT exports carry the fine-tuned student, and verify measured it
+    result_json = json.loads((out / "result.json").read_text())
+    assert result_json["student"]["path"] == "student.json"
+    assert json.loads((out / "exports" / "manifest.json").read_text())["student"]["path"] == "../student.json"
+    assert any(r["runtime"] == "pytorch-student (fine-tuned)" for r in verify["rows"])
+    assert summary["finetune"]["acc_student"] == result_json["student"]["metrics"]["acc_student"]
 
     bench = json.loads((out / "exports" / "bench.json").read_text())
     assert {(r["runtime"], r["variant"]) for r in bench["rows"]} >= {("litert", "lut"), ("litert", "relu")}
@@ -68,6 +75,8 @@ def test_demo_refuses_an_existing_run_without_force(tmp_path):
     (("--qat-epochs", "0"), "need epochs >= 0 and qat_epochs >= 1"),
     (("--data", "mnist"), "mnist"),
     (("--lut-form", "gather"), "Invalid value for '--lut-form'"),
+    (("--finetune-epochs", "-1"), "Invalid value for '--finetune-epochs'"),
+    (("--seed", "-1"), "Invalid value for '--seed'"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, args, expected):
     out = tmp_path / "demo"

@@ -29,7 +29,8 @@ from exporters.onnx_to_tf import LUT_FORMS
               help="How the TFLite export lowers each LUT; saturate, the default, is the fast one in LiteRT "
                    "(see `export --help`).")
 @click.option("--bench-repeats", default=100, show_default=True, help="Timed batch-1 runs per artifact.")
-@click.option("--seed", default=0, show_default=True, help="Seeds training, the search and the bench inputs.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
+              help="Seeds training, the search, fine-tuning and the bench inputs.")
 @click.option("--force", is_flag=True, help="Replace the outputs of a previous run in --out.")
 @json_option
 @handle_errors
