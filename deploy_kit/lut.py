@@ -69,6 +69,12 @@ class LayerLUT:
         out = np.where(q <= self.t1, zero_point, np.where(q <= self.t2, self.v1, np.where(q <= self.tmax, self.v2, q)))
         return out.astype(q.dtype)
 
+    def commutes_with_max(self, zero_point: int) -> bool:
+        """Whether the staircase is monotone non-decreasing on codes, so that LUT(max(a, b)) =
+        max(LUT(a), LUT(b)) and it may run after a MaxPool it feeds. Only v1 below the zero
+        point breaks it (codes <= t1 would map above the next segment)."""
+        return self.v1 >= zero_point
+
     def thresholds(self, quant: ActivationQuant) -> np.ndarray:
         """Float thresholds s·(t − z + ½) for t1, t2, tmax (float32)."""
         t = np.array([self.t1, self.t2, self.tmax], np.float64)

@@ -12,7 +12,14 @@ one Relu → QuantizeLinear → DequantizeLinear chain. `rewrite_activations` re
 
 The LUT runs in float on on-grid values between a DQ and a Q: onnxruntime's CPU provider has no
 int8 `Where` kernel (DESIGN.md §5), and with half-code thresholds the float form equals the
-code form for every code, so the trailing Q is lossless.
+code form for every code, so the trailing Q is lossless. Where the activation feeds a MaxPool
+alone, the LUT runs after it (DESIGN §4b; exact, the LUT being monotone), on a quarter of the
+values after a 2×2 pool:
+
+    Conv → Q → DQ → MaxPool → Q → DQ → Less/Where ×3 → Q → DQ → consumers
+
+Every Conv/Gemm and the pool still sit between a DQ and a Q, so onnxruntime keeps QLinearConv
+and runs the pool on uint8 codes; `lut_pools` reads the moved layers back from a graph.
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ import torch
 from deploy_kit import quant
 from deploy_kit.errors import ExportError
 from deploy_kit.lut import ActivationQuant, LayerLUT
+from exporters.onnx_to_tf import pool_window
 
 OPSET = 17
 # onnx 1.23 writes IR 14 by default. onnxruntime 1.31.1 loads IR 8..13 (checked), older ORT
 # Mobile builds stop lower (1.23 at 11); IR 8 came with opset 17, so it is the portable pin.
 IR_VERSION = 8
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+LUT_SCOPE = "/lut/"  # every LUT node is named `<layer>/lut/...`
 # Ops that carry a quantized tensor through unchanged (same scale): the input scale of a
 # Conv/Gemm is found by walking up through them to the DequantizeLinear.
 SCALE_PRESERVING = {"MaxPool", "Flatten", "Reshape", "Transpose", "Identity"}
@@ -255,7 +264,54 @@ def _rewrite_one(graph: gs.Graph, name: str, lut: LayerLUT, aq: ActivationQuant)
     x = gs.Variable(f"{name}/lut/x", dtype=np.float32)
     graph.nodes.append(gs.Node("QuantizeLinear", f"{name}/lut/QuantizeLinear", inputs=[src, scale, zp], outputs=[codes]))
     graph.nodes.append(gs.Node("DequantizeLinear", f"{name}/lut/DequantizeLinear", inputs=[codes, scale, zp], outputs=[x]))
-    q.inputs[0] = _lut_chain(graph, name, x, lut, aq)  # an orphaned Relu goes in cleanup()
+    after = _pool_after(graph, dq) if lut.commutes_with_max(aq.zero_point) else None
+    if after is None:
+        q.inputs[0] = _lut_chain(graph, name, x, lut, aq)  # an orphaned Relu goes in cleanup()
+    else:
+        _lut_after_pool(graph, name, x, (q, dq), after, lut, aq)
+
+
+def _lut_after_pool(graph: gs.Graph, name: str, x: gs.Variable, block_qdq: tuple[gs.Node, gs.Node],
+                    after: tuple[gs.Node, gs.Variable], lut: LayerLUT, aq: ActivationQuant) -> None:
+    """x → MaxPool → Q → DQ (pooled) → LUT → the block's own Q → DQ → whatever read the pool.
+    Why: the LUT is monotone, so pooling first gives the same codes and the float Less/Where
+    (which onnxruntime cannot run in int8) touch a quarter of the values after a 2×2 pool."""
+    (q, dq), (pool, pooled) = block_qdq, after
+    readers = list(pooled.outputs)
+    pool.inputs[0] = x
+    q.inputs[0] = _lut_chain(graph, name, pooled, lut, aq)
+    for tensor in (q.outputs[0], dq.outputs[0]):  # now pooled: a shape inferred before is stale
+        tensor.shape = None
+    for reader in readers:  # index assignment: it keeps gs's tensor ↔ node links in sync
+        for i in [i for i, t in enumerate(reader.inputs) if t is pooled]:
+            reader.inputs[i] = dq.outputs[0]
+
+
+def _pool_after(graph: gs.Graph, dq: gs.Node) -> tuple[gs.Node, gs.Variable] | None:
+    """(MaxPool, its requantized output) when the activation's DQ feeds only a MaxPool whose
+    output goes only through a Q → DQ on the same grid (what _requantize_passthrough makes);
+    else None. Only windows verify.max_pool_codes can replay (no dilation, no ceil mode)."""
+    pool = _sole_user(dq, "MaxPool")
+    if pool is None or pool.attrs.get("ceil_mode", 0) or any(d != 1 for d in pool.attrs.get("dilations", [1, 1])):
+        return None
+    if pool.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        return None
+    rq = _sole_user(pool, "QuantizeLinear")
+    rdq = rq and _sole_user(rq, "DequantizeLinear")
+    if rdq is None or rdq.outputs[0] in graph.outputs or not (_same_grid(rq, dq) and _same_grid(rdq, dq)):
+        return None
+    return pool, rdq.outputs[0]
+
+
+def _sole_user(node: gs.Node, op: str) -> gs.Node | None:
+    users = node.outputs[0].outputs
+    return users[0] if len(users) == 1 and users[0].op == op else None
+
+
+def _same_grid(a: gs.Node, b: gs.Node) -> bool:
+    """Same scale and zero point (values and code type) on two Q/DQ nodes."""
+    (sa, za), (sb, zb) = ((_const_values(t) for t in n.inputs[1:3]) for n in (a, b))
+    return sa.shape == sb.shape == () and float(sa) == float(sb) and za.dtype == zb.dtype and int(za) == int(zb)
 
 
 def rewrite_activations(proto: onnx.ModelProto, luts: dict[str, LayerLUT],
@@ -291,6 +347,24 @@ def save(proto: onnx.ModelProto, path: Path) -> None:
     onnx.save_model(proto, str(path))
 
 
+def lut_pools(proto: onnx.ModelProto) -> dict[str, dict]:
+    """{layer: MaxPool window} for each LUT that runs after the MaxPool its activation feeds,
+    read from the graph: its Less nodes read DQ ← Q ← MaxPool (the rewrite's move). The manifest
+    records it, and `verify --localize` pools the student's codes through the same window."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    pools = {}
+    for node in proto.graph.node:
+        if node.op_type != "Less" or LUT_SCOPE not in node.name:
+            continue
+        dq = producer.get(node.input[0])
+        q = dq is not None and dq.op_type == "DequantizeLinear" and producer.get(dq.input[0])
+        pool = q and q.op_type == "QuantizeLinear" and producer.get(q.input[0])
+        if pool and pool.op_type == "MaxPool":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in pool.attribute}
+            pools[node.name.split(LUT_SCOPE)[0]] = pool_window(attrs)
+    return pools
+
+
 def lut_node_counts(proto: onnx.ModelProto) -> dict[str, int]:
     """How many Less/Where/Relu nodes the graph holds (the tests' structural check)."""
     ops = [n.op_type for n in proto.graph.node]
@@ -309,10 +383,11 @@ def _tensor_details(value_info, layout: str | None) -> dict:
 
 
 def io_details(onnx_path: Path) -> dict:
-    """Manifest `inputs`/`outputs` of an ONNX file (NCHW float input, float logits)."""
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return {"inputs": [_tensor_details(v, "NCHW") for v in graph.input],
-            "outputs": [_tensor_details(v, None) for v in graph.output]}
+    """Manifest `inputs`/`outputs` of an ONNX file (NCHW float input, float logits), and the
+    layers whose LUT runs after a MaxPool (`lut_pools`, as in the tflite entry)."""
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    return {"inputs": [_tensor_details(v, "NCHW") for v in proto.graph.input],
+            "outputs": [_tensor_details(v, None) for v in proto.graph.output], "lut_pools": lut_pools(proto)}
 
 
 def export_onnx(onnx_path: Path, out_path: Path, **_options) -> dict:

@@ -22,8 +22,9 @@ Conventions, fixed once:
   ops (LESS + SELECT_V2), the branch-free forms clamps (docs/RUNTIMES.md has the measurements).
   The form is chosen per layer (`Graph.lut_forms`): a `saturate` layer without a plan, or one
   the exporter names in `select_layers` (its plan failed the code check), is lowered with `select`.
-  A LUT followed by a MaxPool runs after the pool instead (`_pool_before_lut`: exact, since the
-  LUT is monotone; `lut_pools` says which layers moved).
+  A LUT followed by a MaxPool runs after the pool instead (exact, since the LUT is monotone):
+  deploykit's model.onnx already places it there (onnx_graph's rewrite), `_pool_before_lut`
+  moves it in graphs that do not; `lut_pools` says which layers run on a pooled tensor.
 """
 
 from __future__ import annotations
@@ -290,6 +291,16 @@ POOLED = "/pooled"  # suffix of the tensors a pooled-first LUT adds (not in the 
 POOL_KEYS = ("kernel_shape", "strides", "pads")
 
 
+def pool_window(attrs: dict) -> dict:
+    """A MaxPool's window as the manifest records it (`lut_pools`) and verify.max_pool_codes
+    reads it, ONNX defaults filled in."""
+    return {k: list(attrs.get(k, [1, 1] if k == "strides" else [0] * 4)) for k in POOL_KEYS}
+
+
+def _grid(n: Node) -> tuple:
+    return tuple(n.attrs[k] for k in ("scale", "zero_point", "qmin", "qmax"))
+
+
 def _pool_before_lut(nodes: list[Node]) -> list[Node]:
     """LUT → FakeQuant → MaxPool → FakeQuant becomes MaxPool → FakeQuant → LUT → FakeQuant.
 
@@ -297,7 +308,9 @@ def _pool_before_lut(nodes: list[Node]) -> list[Node]:
     first gives the same codes (DESIGN §2) and runs the LUT's elementwise ops on a quarter of
     the values after a 2×2 pool, where most of its cost is. Only where the three fake quants share
     one grid and each tensor in between has one consumer; the last fake quant keeps its ONNX
-    output name, so the float check still compares the pair's result with onnxruntime."""
+    output name, so the float check still compares the pair's result with onnxruntime.
+    deploykit's own model.onnx already has its LUTs after their pools (onnx_graph's rewrite):
+    this is for graphs that do not."""
     consumers: dict[str, list[Node]] = {}
     for n in nodes:
         for i in n.inputs:
@@ -308,23 +321,20 @@ def _pool_before_lut(nodes: list[Node]) -> list[Node]:
         users = consumers.get(name, [])
         return users[0] if len(users) == 1 and users[0].op == op else None
 
-    def grid(n: Node) -> tuple:
-        return tuple(n.attrs[k] for k in ("scale", "zero_point", "qmin", "qmax"))
-
     moved: dict[int, list[Node]] = {}  # id(node) → what replaces it (FakeQuant names repeat)
     for lut in (n for n in nodes if n.op == LUT_NODE):
         src = producer.get(lut.inputs[0])
         post = sole(lut.outputs[0], FAKE_QUANT)
         pool = post and sole(post.outputs[0], "MaxPool")
         requant = pool and sole(pool.outputs[0], FAKE_QUANT)
-        if not (requant and src.op == FAKE_QUANT and grid(src) == grid(post) == grid(requant)):
+        if not (requant and src is not None and src.op == FAKE_QUANT and _grid(src) == _grid(post) == _grid(requant)
+                and lut.attrs["lut"].commutes_with_max(lut.attrs["quant"].zero_point)):
             continue
         pooled, on_grid, out = (t + POOLED for t in (pool.outputs[0], requant.outputs[0], lut.outputs[0]))
-        window = {k: list(pool.attrs.get(k, [1, 1] if k == "strides" else [0] * 4)) for k in POOL_KEYS}
         moved[id(lut)] = [
             Node("MaxPool", pool.name, (lut.inputs[0],), (pooled,), pool.attrs),
             Node(FAKE_QUANT, requant.name + POOLED, (pooled,), (on_grid,), requant.attrs),
-            Node(LUT_NODE, lut.name, (on_grid,), (out,), {**lut.attrs, "pool": window}),
+            Node(LUT_NODE, lut.name, (on_grid,), (out,), lut.attrs),
             Node(FAKE_QUANT, post.name, (out,), requant.outputs, post.attrs),
         ]
         moved.update({id(n): [] for n in (post, pool, requant)})
@@ -332,8 +342,19 @@ def _pool_before_lut(nodes: list[Node]) -> list[Node]:
 
 
 def lut_pools(graph: Graph) -> dict[str, dict]:
-    """{layer: its MaxPool window} for every LUT the translator moved behind its pool."""
-    return {n.name.split(LUT_SCOPE)[0]: n.attrs["pool"] for n in graph.nodes if n.op == LUT_NODE and "pool" in n.attrs}
+    """{layer: its MaxPool window} for every LUT that runs on a pooled tensor, FakeQuant →
+    MaxPool → FakeQuant (one grid) → LUT: moved there by onnx_graph's rewrite or by
+    _pool_before_lut. A LUT's input is otherwise its block's own Conv/Gemm output, so this
+    shape means the student's tap sits before the pool (verify pools the student's codes)."""
+    producer = {o: n for n in graph.nodes for o in n.outputs}
+    out = {}
+    for lut in (n for n in graph.nodes if n.op == LUT_NODE):
+        requant = producer.get(lut.inputs[0])
+        pool = requant and requant.op == FAKE_QUANT and producer.get(requant.inputs[0])
+        src = pool and pool.op == "MaxPool" and producer.get(pool.inputs[0])
+        if src and src.op == FAKE_QUANT and _grid(src) == _grid(requant):
+            out[lut.name.split(LUT_SCOPE)[0]] = pool_window(pool.attrs)
+    return out
 
 
 def lut_steps(lut: LayerLUT, quant: ActivationQuant) -> list[tuple[int, int]]:

@@ -100,10 +100,20 @@ def test_lut_float_form_matches_codes_for_every_code(run, tmp_path):
 
 
 def test_ort_runs_int8_conv_next_to_the_lut(run):
+    """With the LUTs after their MaxPools, onnxruntime still fuses every Conv/Gemm into its int8
+    kernel and runs each pool as the ReLU model does (on uint8 codes), and the manifest's
+    onnx/ort entries say which LUTs moved."""
     manifest = json.loads((run["exports"] / "manifest.json").read_text())
-    entry = next(a for a in manifest["artifacts"] if a["target"] == "ort" and a["variant"] == "lut")
-    assert entry["optimized_ops"].get("QLinearConv", 0) == 2, entry["optimized_ops"]
-    assert entry["optimized_ops"]["Less"] == 3 * len(run["luts"])
+    entry, relu = (next(a for a in manifest["artifacts"] if a["target"] == "ort" and a["variant"] == v)
+                   for v in ("lut", "relu"))
+    ops = entry["optimized_ops"]
+    assert ops.get("QLinearConv", 0) == 2 and ops.get("QGemm", 0) == 3, ops
+    assert ops["Less"] == 3 * len(run["luts"])
+    for pool in ("MaxPool", "NhwcMaxPool"):
+        assert ops.get(pool, 0) == relu["optimized_ops"].get(pool, 0), (ops, relu["optimized_ops"])
+    window = {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 0, 0]}
+    for a in manifest["artifacts"]:
+        assert a["lut_pools"] == ({"conv1": window, "conv2": window} if a["variant"] == "lut" else {}), a["path"]
 
 
 @pytest.fixture(scope="module")

@@ -66,12 +66,12 @@ def test_layer_codes_are_readable_and_follow_the_table(run, target):
     codes = runner.tap_codes(x, list(luts), quant)
     student = rn.StudentRunner(run["teacher"], luts).tap_codes(x, list(luts))
     assert list(codes) == list(luts)
-    pools = entry.get("lut_pools", {})  # TFLite runs a LUT that feeds a MaxPool after it
+    pools = entry.get("lut_pools", {})  # every target runs a LUT that feeds a MaxPool after it
     for name, lut in luts.items():
         mine = max_pool_codes(student[name].after, pools[name]) if name in pools else student[name].after
         assert codes[name].after.shape == mine.shape  # NHWC already turned to NCHW
         np.testing.assert_array_equal(codes[name].after, lut.apply_codes(codes[name].before, quant[name].zero_point))
-    assert set(pools) == ({"conv1", "conv2"} if target == "tflite" else set())
+    assert set(pools) == {"conv1", "conv2"}
 
 
 @pytest.mark.skipif("tflite" not in AVAILABLE, reason="the tflite target needs TensorFlow")

@@ -83,6 +83,56 @@ def test_lut_sits_between_dq_and_q(teacher, relu_graph):
     assert [u.op_type for u in users[last_where.output[0]]] == ["QuantizeLinear"]
 
 
+WINDOW = {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 0, 0]}
+
+
+def _path_up(producer: dict, tensor: str, steps: int) -> list[str]:
+    """The op types of the `steps` nodes above `tensor`, nearest first."""
+    ops = []
+    for _ in range(steps):
+        node = producer[tensor]
+        ops.append(node.op_type)
+        tensor = node.input[0]
+    return ops
+
+
+def test_a_lut_that_feeds_a_max_pool_runs_after_it(teacher, relu_graph):
+    """conv1 and conv2 feed a 2×2 MaxPool alone: their LUT reads the pooled, requantized tensor
+    (Conv → Q → DQ → MaxPool → Q → DQ → Less/Where → Q → DQ → next), so every Conv/Gemm and the
+    pool keep their Q/DQ; fc1/fc2 have no pool and read their Gemm's Q → DQ. lut_pools reads
+    the moved layers back from the graph."""
+    lut_graph = onnx_graph.check(onnx_graph.rewrite_activations(relu_graph, {n: LUT for n in teacher.layer_quant},
+                                                                teacher.layer_quant))
+    producer = {o: n for n in lut_graph.graph.node for o in n.output}
+    users = {}
+    for n in lut_graph.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n.op_type)
+    for layer, above, below in (("conv1", "MaxPool", "Conv"), ("conv2", "MaxPool", "Flatten"),
+                                ("fc1", "Gemm", "Gemm"), ("fc2", "Gemm", "Gemm")):
+        x = next(n.input[0] for n in lut_graph.graph.node if n.name == f"{layer}/lut/Less_t1")
+        want = ["DequantizeLinear", "QuantizeLinear", "MaxPool", "DequantizeLinear", "QuantizeLinear", "Conv"] \
+            if above == "MaxPool" else ["DequantizeLinear", "QuantizeLinear", "Gemm"]
+        assert _path_up(producer, x, len(want)) == want, layer
+        y = next(n.output[0] for n in lut_graph.graph.node if n.name == f"{layer}/lut/Where_t1")
+        (q,) = [n for n in lut_graph.graph.node if y in n.input]
+        assert q.op_type == "QuantizeLinear" and users[q.output[0]] == ["DequantizeLinear"]
+        (dq,) = [n for n in lut_graph.graph.node if q.output[0] in n.input]
+        assert users[dq.output[0]] == [below], layer
+    assert onnx_graph.lut_pools(lut_graph) == {"conv1": WINDOW, "conv2": WINDOW}
+    assert onnx_graph.lut_pools(relu_graph) == {}
+    # listed alone, conv2 moves by itself; its neighbours keep their ReLU
+    only = onnx_graph.rewrite_activations(relu_graph, {"conv2": LUT}, teacher.layer_quant)
+    assert onnx_graph.lut_pools(only) == {"conv2": WINDOW}
+
+
+def test_only_a_monotone_lut_commutes_with_max():
+    """v1 below the zero point maps codes <= t1 above the (t1, t2] segment: such a LUT must stay
+    before its pool (the rewrite and the TFLite translator ask this before moving it)."""
+    assert LUT.commutes_with_max(0) and LUT.commutes_with_max(LUT.v1)
+    assert not LUT.commutes_with_max(LUT.v1 + 1)
+
+
 def test_unknown_layer_is_an_error_naming_it(teacher, relu_graph):
     quant = {**teacher.layer_quant, "conv9": teacher.layer_quant["conv1"]}
     with pytest.raises(ExportError, match="conv9"):

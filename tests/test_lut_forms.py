@@ -294,9 +294,11 @@ def test_the_default_export_is_saturate_everywhere(lenet_lut_run):
     assert "LESS" not in entry["ops"] and "SELECT_V2" not in entry["ops"]
 
 
-def _lut_chain_model(luts: dict[str, LayerLUT], aq: ActivationQuant, hw: int = 16) -> onnx.ModelProto:
-    """input → Q/DQ → [<layer>/lut Less/Where ×3 → Q/DQ] per layer, in order → output: several
-    LUT layers in one file, each named as the rewrite names them."""
+def _lut_chain_model(luts: dict[str, LayerLUT], aq: ActivationQuant, hw: int = 16,
+                     pooled: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """input → Q/DQ → [<layer>/lut Less/Where ×3 → Q/DQ (→ MaxPool 2×2 → Q/DQ for `pooled`)] per
+    layer, in order → output: several LUT layers in one file, each named as the rewrite names
+    them; a pooled layer's LUT precedes its pool (as in graphs deploykit did not rewrite)."""
     from onnx import TensorProto, helper
 
     from test_onnx_to_tf import _const, _qdq
@@ -314,10 +316,15 @@ def _lut_chain_model(luts: dict[str, LayerLUT], aq: ActivationQuant, hw: int = 1
             y = f"{layer}/lut/out_{t}"
         more_nodes, more_inits, x = _qdq(f"{layer}/out", y, aq.scale, aq.zero_point)
         nodes, inits = nodes + more_nodes, inits + more_inits
+        if layer in pooled:
+            nodes.append(helper.make_node("MaxPool", [x], [f"{layer}/pool"], name=f"{layer}/MaxPool",
+                                          kernel_shape=[2, 2], strides=[2, 2]))
+            more_nodes, more_inits, x = _qdq(f"{layer}/pool_q", f"{layer}/pool", aq.scale, aq.zero_point)
+            nodes, inits = nodes + more_nodes, inits + more_inits
     nodes.append(helper.make_node("Identity", [x], ["output"], name="output/Identity"))
-    shape = [1, 1, hw, hw]
-    graph = helper.make_graph(nodes, "lut_chain", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)], inits)
+    out = hw // 2 ** len(pooled)
+    graph = helper.make_graph(nodes, "lut_chain", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, hw, hw])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, out, out])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -391,6 +398,19 @@ def test_a_layer_without_a_saturate_plan_is_lowered_with_select():
     assert graph.lut_forms == {"a": "select", "b": "saturate"}
     assert list(graph.fallbacks) == ["a"] and "not monotone" in graph.fallbacks["a"]
     assert onnx_to_tf.read_graph(proto, "select").fallbacks == {}  # an explicit select is all-select
+
+
+def test_the_translator_moves_a_lut_that_precedes_its_pool():
+    """deploykit's model.onnx already runs each LUT after the MaxPool it feeds; a graph that does
+    not (another producer's, an earlier deploykit's) gets it moved by the translator, and either
+    way lut_pools names the layer with its window. A non-monotone LUT (v1 < z) stays put."""
+    window = {"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 0, 0]}
+    aq = ActivationQuant(0.02, 3)
+    luts = {"a": LayerLUT(5, 9, 20, 31, 60), "b": LayerLUT(1, 2, 5, 8, 20)}  # b: v1 = 2 < z = 3
+    graph = onnx_to_tf.read_graph(_lut_chain_model(luts, aq, pooled=("a", "b")))
+    ops = [(n.op, n.name.split("/")[0]) for n in graph.nodes if n.op in ("MaxPool", onnx_to_tf.LUT_NODE)]
+    assert ops == [("MaxPool", "a"), (onnx_to_tf.LUT_NODE, "a"), (onnx_to_tf.LUT_NODE, "b"), ("MaxPool", "b")]
+    assert onnx_to_tf.lut_pools(graph) == {"a": window}
 
 
 def test_export_config_rejects_an_unknown_lut_form(tmp_path):

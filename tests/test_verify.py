@@ -70,6 +70,11 @@ def test_clean_exports_pass_and_write_verify_json(exports):
     checked = [r for r in report.rows if r.checked]
     onnx_codes = next(r for r in checked if r.artifact == "model.onnx").localize["layers"]
     assert onnx_codes and all(e["table_mismatch"] == 0 for e in onnx_codes.values())  # no false alarm
+    # conv1/conv2 run their LUT after the MaxPool (manifest lut_pools): the student's codes, pooled
+    # through the same window, are the export's — shapes agree and no code differs
+    entry = next(a for a in json.loads((exports / "manifest.json").read_text())["artifacts"] if a["path"] == "model.onnx")
+    assert set(entry["lut_pools"]) == {"conv1", "conv2"}
+    assert all(e.get("share_differing") == 0 for e in onnx_codes.values()), onnx_codes
     assert {(r.artifact, r.variant) for r in checked} == {("model.onnx", "lut"), ("model.ort", "lut"),
                                                           ("relu/model.onnx", "relu"), ("relu/model.ort", "relu")}
     for row in checked:
