@@ -25,6 +25,7 @@ from deploy_kit.finetune import FinetuneConfig, finetune
 from deploy_kit.search import SearchConfig, run_search
 from deploy_kit.train import TrainConfig, train_teacher
 from deploy_kit.verify import VerifyConfig, verify_exports
+from exporters.onnx_to_tf import DEFAULT_LUT_FORM
 
 METHODS = ("ppo", "greedy", "random")
 
@@ -115,7 +116,7 @@ def main() -> None:
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--ce-weight", type=float, default=0.5)
     p.add_argument("--at-weight", type=float, default=100.0)
-    p.add_argument("--lut-form", default="select")
+    p.add_argument("--lut-form", default=DEFAULT_LUT_FORM)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stages", default=",".join(STAGES))

@@ -93,7 +93,7 @@ def test_sidecar_and_result_entry(tuned):
     assert meta["layers"] == raw["layers"]
     epochs = meta["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1, 2, 3] and epochs[0]["loss"] is None
-    best = max(epochs, key=lambda e: (e["val_acc"], -e["val_kl"]))
+    best = max(epochs, key=lambda e: (e["val_acc"], e["val_agreement"], -e["val_kl"]))
     assert meta["chosen_epoch"] == best["epoch"]
     assert meta["accuracy"]["after"]["val"] == best["val_acc"]
     assert set(meta["layer_at_distance"]) == {"conv1", "conv2"}
