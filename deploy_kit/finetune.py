@@ -40,7 +40,7 @@ from deploy_kit import quant
 from deploy_kit.data import Dataset, Split, load_dataset
 from deploy_kit.device import check_device_name, resolve_device
 from deploy_kit.errors import ConfigError
-from deploy_kit.fsutil import atomic_path, check_writable, read_json, write_json
+from deploy_kit.fsutil import check_writable, read_json, write_json
 from deploy_kit.lut import LayerLUT
 from deploy_kit.models import ZooModel
 from deploy_kit.result import SearchResult, check_against_teacher, load_result
