@@ -35,7 +35,7 @@ class DemoConfig:
     episodes: int = 600
     # Fine-tuning epochs with the LUTs in place (`deploykit finetune`); 0 skips the stage and
     # exports the searched student with the teacher's weights.
-    finetune_epochs: int = 8
+    finetune_epochs: int = 15
     lut_form: str = "saturate"  # how the TFLite export lowers each LUT (`export --lut-form`)
     bench_repeats: int = 100  # timed batch-1 runs per artifact (bench's own default is 200)
     seed: int = 0  # train split/init/order, search agent and sampling, bench inputs

@@ -15,9 +15,9 @@ from deploy_kit.device import DEVICES
               help="result.json written by `deploykit search` (the LUT codes to train with).")
 @click.option("--teacher", "teacher_path", type=click.Path(path_type=Path), default=None,
               help="Teacher run folder; default: the `teacher.path` recorded in result.json.")
-@click.option("--epochs", default=8, show_default=True, type=click.IntRange(min=1),
+@click.option("--epochs", default=15, show_default=True, type=click.IntRange(min=1),
               help="Training epochs; the epoch kept is the best on the validation split (0 = untouched included).")
-@click.option("--lr", default=5e-4, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Peak Adam learning rate (cosine decay to 0).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -52,7 +52,7 @@ def command(result_path, teacher_path, epochs, lr, batch_size, temperature, kd_w
     \b
     Example:
       deploykit finetune --config runs/lenet5/result.json
-      deploykit finetune --config runs/lenet5/result.json --epochs 12 --lr 1e-3 --force
+      deploykit finetune --config runs/lenet5/result.json --epochs 25 --force
     """
     from deploy_kit.finetune import FinetuneConfig, finetune
 
