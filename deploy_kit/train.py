@@ -168,11 +168,12 @@ def torch_threads(n: int):
 def train_teacher(cfg: TrainConfig, out_dir: Path, force: bool = False, ds: Dataset | None = None) -> dict:
     """Train, quantize and save a teacher into `out_dir`; returns the sidecar metadata."""
     check_writable(Path(out_dir) / SIDECAR_NAME, force)
+    device = resolve_device(cfg.device)  # --device cuda without a GPU fails here, before any work
     with torch_threads(cfg.threads):
-        return _train_teacher(cfg, Path(out_dir), ds)
+        return _train_teacher(cfg, Path(out_dir), ds, device)
 
 
-def _train_teacher(cfg: TrainConfig, out_dir: Path, ds: Dataset | None) -> dict:
+def _train_teacher(cfg: TrainConfig, out_dir: Path, ds: Dataset | None, device: torch.device) -> dict:
     start = time.perf_counter()
     seed_everything(cfg.seed)
     ds = ds or load_dataset(cfg.data, cfg.seed)
@@ -180,7 +181,6 @@ def _train_teacher(cfg: TrainConfig, out_dir: Path, ds: Dataset | None) -> dict:
     if cfg.max_train:
         train = Split(train.images[:cfg.max_train], train.labels[:cfg.max_train])
     gen = torch.Generator().manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
     model = build_model(cfg.model, ds.input_shape, len(ds.classes), cfg.width)
     _run_epochs(model, train, ds, cfg, cfg.epochs, cfg.lr, "float", gen, device)
     acc_float = _evaluate(model, ds)

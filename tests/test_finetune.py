@@ -260,3 +260,24 @@ def test_gpu_finetune_reports_cpu_arithmetic(lenet_teacher, tmp_path):
     test = ds.split("test")
     acc = round(100.0 * float((predict(student.student(result.layers), test, ds).argmax(1) == test.labels).mean()), 2)
     assert acc == outcome.meta["accuracy"]["after"]["test"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: --device cuda is valid here")
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_train_and_search_refuse_cuda_without_a_gpu(lenet_teacher, tmp_path, command):
+    out = tmp_path / "out"
+    args = (["train", "--model", "lenet5", "--epochs", "0", "--qat-epochs", "1", "--out", str(out)] if command == "train"
+            else ["search", "--teacher", str(lenet_teacher), "--episodes", "2", "--out", str(out / "r.json")])
+    res = CliRunner().invoke(main, [*args, "--device", "cuda"])
+    assert res.exit_code == 2 and "--device cuda" in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_device_auto_and_cpu_resolve_here():
+    from deploy_kit.device import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="unknown --device"):
+        resolve_device("tpu")

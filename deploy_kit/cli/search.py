@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from deploy_kit.cli import emit, handle_errors, json_option, say
-from deploy_kit.device import DEVICES
+from deploy_kit.device import DEVICES, resolve_device
 
 
 def _layer_list(_ctx, _param, value):
@@ -63,6 +63,7 @@ def command(teacher, method, episodes, seed, device, out, from_student, layers, 
                        max_acc_drop=max_acc_drop,
                        tmax=TmaxRule(percentile=tmax_percentile, offset=tmax_offset, fixed=tmax_fixed),
                        reward=RewardConfig(temperature=temperature, at_weight=at_weight, images=reward_images))
+    resolve_device(device)  # a missing GPU is one line, before the progress bar starts
     bar = tqdm(total=episodes, desc=f"search {method}", unit="eval", dynamic_ncols=True, leave=False)
 
     def progress(ev):

@@ -143,6 +143,7 @@ def run_search(teacher_path: Path, cfg: SearchConfig, out: Path | None = None, f
     out = Path(out) if out else teacher.weights_path.parent / "result.json"
     check_writable(out, force)
     check_writable(log_path_for(out), force)
+    device = resolve_device(cfg.device)  # --device cuda without a GPU fails here, before any work
     base, base_record = _base_student(from_student, teacher, out)
     layers = search_layers(teacher, cfg.layers)
     ds = _dataset(teacher.meta["data"], teacher.meta["seed"])
@@ -151,7 +152,7 @@ def run_search(teacher_path: Path, cfg: SearchConfig, out: Path | None = None, f
     x, _ = _train_images(ds, cfg.state_images, cfg.seed)
     states = list(layer_states((base or teacher).model, layers, quant, x, cfg.tmax, cfg.space).values())
     xr, yr = _train_images(ds, cfg.reward.images, cfg.seed)
-    reward = RewardModel(teacher.model, quant, layers, xr, yr, cfg.reward, resolve_device(cfg.device),
+    reward = RewardModel(teacher.model, quant, layers, xr, yr, cfg.reward, device,
                          base_model=base.model if base else None)
     trace = Trace(reward, cfg.episodes, on_evaluation)
     if cfg.method == "ppo":
