@@ -39,7 +39,7 @@ def command(out, arch, data, width, epochs, qat_epochs, episodes, finetune_epoch
 
     Prints a line per stage, then the verify and bench tables and the report's path. Exits 1
     if an export fails verification (everything, the report included, is still written).
-    About 50 s for the defaults on a 2-core machine (lenet5 on digits).
+    About 80 s for the defaults on an idle 2-core machine (lenet5 on digits).
 
     \b
     Example:
