@@ -228,8 +228,6 @@ class _Inputs:
     raw: dict
     teacher: Teacher
     luts: dict[str, LayerLUT]
-    sidecar: Path
-    weights: Path
     init: Teacher  # the weights training starts from: the teacher's, or a re-searched student's
 
 
@@ -241,8 +239,7 @@ def prepare(cfg: FinetuneConfig) -> _Inputs:
     teacher = resolve_teacher(result, cfg.teacher_path)
     check_against_teacher(result, teacher)
     out = cfg.out_dir
-    sidecar, weights = out / SIDECAR_NAME, out / WEIGHTS_NAME
-    for path in (sidecar, weights):
+    for path in (out / SIDECAR_NAME, out / WEIGHTS_NAME):
         check_writable(path, cfg.force)
     if result.student and not cfg.force:
         raise ConfigError(f"{result.path}: already names a fine-tuned student ({result.student['path']}); "
@@ -251,7 +248,7 @@ def prepare(cfg: FinetuneConfig) -> _Inputs:
         raise ConfigError(f"--out {out} is a file; finetune writes a folder")
     raw = read_json(result.path, ConfigError, label=result.path.name)
     init = load_base(result, teacher) or teacher
-    return _Inputs(result, raw, teacher, dict(result.layers), sidecar, weights, init)
+    return _Inputs(result, raw, teacher, dict(result.layers), init)
 
 
 def finetune(cfg: FinetuneConfig, progress: Callable[[str], None] = lambda _m: None) -> FinetuneOutcome:
