@@ -35,7 +35,7 @@ def stage_train(args, run: Path, record: dict) -> None:
         record.setdefault("train", json.loads((run / "teacher.json").read_text()) | {"reused": True})
         return
     cfg = TrainConfig(model=args.model, data=args.data, width=args.width, epochs=args.epochs,
-                      qat_epochs=args.qat_epochs, hflip=args.hflip, seed=args.seed, threads=args.threads)
+                      qat_epochs=args.qat_epochs, hflip=args.hflip, crop=args.crop, seed=args.seed, threads=args.threads)
     record["train"] = train_teacher(cfg, run)
 
 
@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--qat-epochs", type=int, default=8)
     p.add_argument("--hflip", action="store_true")
+    p.add_argument("--crop", type=int, default=0, help="train --crop: per-image random crops (CIFAR-10: 4)")
     p.add_argument("--budget", type=int, default=300)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--finetune-method", default="ppo", choices=METHODS)

@@ -330,7 +330,7 @@ def _train_epoch(student, target, rec_s, rec_t, train: Split, ds: Dataset, opt, 
     total = 0.0
     for x, y in batches(shuffled, ds, cfg.batch_size):
         if aug.get("augment", True):
-            x = augment(x, gen, bool(aug.get("hflip", False)))
+            x = augment(x, gen, bool(aug.get("hflip", False)), crop=int(aug.get("crop", 0)))
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
             t_logits = target(x)

@@ -123,7 +123,14 @@ def mobilenet_v1(cin, n, w):
     return f, (lambda flat: OrderedDict(fc=linear(flat, n, relu=False))), True
 
 
-def _vgg(cfg):
+def _vgg(cfg, hidden: int | None = None):
+    """VGG from its layer list. The research system's VGG16 ends in fc1 (512→512, ReLU: a tap) and
+    fc2; its VGG19 in a single fc. `hidden` selects the former."""
+    def head(flat, n, w):
+        if hidden is None:
+            return OrderedDict(fc=linear(flat, n, relu=False))
+        return OrderedDict(fc1=linear(flat, _ch(hidden, w)), fc2=linear(_ch(hidden, w), n, relu=False))
+
     def build(cin, n, w):
         f, c, stage, idx = OrderedDict(), cin, 1, 1
         for v in cfg:
@@ -133,7 +140,7 @@ def _vgg(cfg):
             else:
                 f[f"conv{stage}_{idx}"] = conv(c, _ch(v, w), 3)
                 c, idx = _ch(v, w), idx + 1
-        return f, (lambda flat: OrderedDict(fc=linear(flat, n, relu=False))), False
+        return f, (lambda flat: head(flat, n, w)), False
     return build
 
 
@@ -151,7 +158,7 @@ def alexnet(cin, n, w):
     return f, head, False
 
 
-ARCHITECTURES = {"lenet5": lenet5, "nin": nin, "mobilenet_v1": mobilenet_v1, "vgg16": _vgg(VGG16),
+ARCHITECTURES = {"lenet5": lenet5, "nin": nin, "mobilenet_v1": mobilenet_v1, "vgg16": _vgg(VGG16, hidden=512),
                  "vgg19": _vgg(VGG19), "alexnet": alexnet}
 
 

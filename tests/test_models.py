@@ -21,7 +21,7 @@ TINY_WIDTH = 0.0625
 EXPECTED_FIRST_TAPS = {"lenet5": ["conv1", "conv2", "fc1", "fc2"], "nin": ["conv1", "cccp1", "cccp2"],
                        "mobilenet_v1": ["conv1", "dw1", "pw1"], "vgg16": ["conv1_1", "conv1_2", "conv2_1"],
                        "vgg19": ["conv1_1", "conv1_2", "conv2_1"], "alexnet": ["conv1", "conv2", "conv3"]}
-TAP_COUNTS = {"lenet5": 4, "nin": 9, "mobilenet_v1": 27, "vgg16": 13, "vgg19": 16, "alexnet": 7}
+TAP_COUNTS = {"lenet5": 4, "nin": 9, "mobilenet_v1": 27, "vgg16": 14, "vgg19": 16, "alexnet": 7}
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +106,8 @@ def test_tap_names_and_blocks_are_stable():
     model = build_model("vgg16", (3, 32, 32), 10, width=0.125)
     taps = model.taps()
     assert all(isinstance(t, Tap) for t in taps.values())
-    assert list(taps)[-1] == "conv5_3"
-    assert "fc" in model.blocks() and "fc" not in taps  # the logits are never approximated
+    assert list(taps)[-2:] == ["conv5_3", "fc1"]  # the research VGG16 head: fc1 (ReLU) + fc2
+    assert "fc2" in model.blocks() and "fc2" not in taps  # the logits are never approximated
     names = [n for n, _ in model.named_modules()]
     assert "features.conv1_1.tap" in names  # the name an exporter finds in the ONNX scopes
 

@@ -25,6 +25,9 @@ from deploy_kit.quant import BACKENDS
 @click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate of float training (Adam, one-cycle).")
 @click.option("--hflip", is_flag=True,
               help="Also mirror images left-right at random (natural images such as CIFAR-10; not for digits).")
+@click.option("--crop", default=0, show_default=True, type=click.IntRange(0, 16),
+              help="Per-image random crops after padding each side by N pixels (CIFAR-10: 4, with --hflip); "
+                   "0 keeps the per-batch shift of up to 2 pixels.")
 @click.option("--max-train", type=int, default=None, help="Use only the first N training images (quick runs).")
 @click.option("--backend", default="qnnpack", show_default=True, type=click.Choice(BACKENDS),
               help="Quantized engine the INT8 PyTorch model is converted for.")
@@ -37,7 +40,7 @@ from deploy_kit.quant import BACKENDS
 @click.option("--force", is_flag=True, help="Overwrite an existing teacher in --out.")
 @json_option
 @handle_errors
-def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, hflip, max_train, backend, threads, device, seed, force, as_json):
+def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, hflip, crop, max_train, backend, threads, device, seed, force, as_json):
     """Train a float model, fine-tune it with INT8 QAT, convert it to INT8 and evaluate.
 
     Writes OUT/teacher.safetensors and OUT/teacher.json (architecture, labels, preprocessing,
@@ -52,7 +55,7 @@ def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, hflip, m
 
     cfg = TrainConfig(model=arch, data=data, width=width, epochs=epochs, qat_epochs=qat_epochs,
                       batch_size=batch_size, lr=lr, seed=seed, backend=backend, max_train=max_train,
-                      threads=threads, hflip=hflip, device=device)
+                      threads=threads, hflip=hflip, crop=crop, device=device)
     meta = train_teacher(cfg, out, force=force)
     acc = meta["accuracy"]
     say(f"{arch} on {data}: {meta['seconds']:.1f}s, {meta['images_per_s']:.0f} img/s")
