@@ -270,8 +270,7 @@ def bench_exports(cfg: BenchConfig, progress: bool = True) -> dict:
 
     exports = Path(cfg.exports)
     manifest = rn.load_manifest(exports)
-    items = ordered(rn.artifacts(manifest, exports))
-    rn.check_hashes(items)
+    items = ordered(rn.check_exports(manifest, exports))
     teacher = rn.load_manifest_teacher(manifest, exports)
     test = load_dataset(manifest.get("data") or teacher.meta["data"], seed=int(manifest.get("seed", 0))).split("test")
     pick = np.random.default_rng(cfg.seed).choice(len(test), size=min(THROUGHPUT_BATCH, len(test)), replace=False)

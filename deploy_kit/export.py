@@ -11,7 +11,6 @@ each target in registry order. Everything is built in a temp folder and swapped 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from deploy_kit.errors import ConfigError, ExportError
-from deploy_kit.fsutil import atomic_dir, check_writable, write_json
+from deploy_kit.fsutil import atomic_dir, write_json
 from deploy_kit.lut import LayerLUT
 from deploy_kit.native_log import native_stderr_silenced
 from deploy_kit.result import SearchResult, check_against_teacher, load_result
@@ -82,15 +81,13 @@ def calibration_set(teacher: Teacher, count: int, seed: int) -> tuple[np.ndarray
     return normalize(train.images[pick], teacher.norm), record
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
-    """Unwritable or occupied outputs fail before any conversion work."""
-    check_writable(out, force)
-    parent = out.resolve().parent
-    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
-    if existing is None or not existing.is_dir():
-        raise ConfigError(f"cannot create {out}: {existing} is not a folder; choose another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write to {existing}: permission denied; choose another --out")
+def _check_not_inputs(out: Path, result: SearchResult, teacher: Teacher) -> None:
+    """The exports folder is replaced as a whole: it must not hold the files it is made from."""
+    inputs = [result.path, teacher.weights_path]
+    for path in inputs:
+        if Path(path).resolve().is_relative_to(out.resolve()):
+            raise ConfigError(f"--out {out} holds {path}, an input of this export; exporting there would replace it — "
+                              f"choose a folder of its own (default: {Path(result.path).parent / EXPORTS_DIRNAME})")
 
 
 def _onnx_variants(teacher: Teacher, student: Teacher | None, luts: dict[str, LayerLUT], layer_quant) -> dict:
@@ -137,20 +134,13 @@ def _export_variant(folder: Path, variant: str, proto, steps: list, options: dic
     return entries
 
 
-def export(cfg: ExportConfig, progress: Callable[[str], None] = lambda _msg: None) -> dict:
-    """Run the convert stage; returns {"out", "artifacts": [...manifest entries], "seconds"}."""
+def _export_into(tmp: Path, cfg: ExportConfig, targets, result: SearchResult, teacher: Teacher, lut_quant,
+                 student: Teacher | None, out: Path, progress) -> dict:
+    """Every variant and target into the claimed temp folder `tmp`, then the sealed manifest
+    listing every file written (exporters/manifest.py: seal)."""
     from exporters import manifest as mf
     from exporters import onnx_graph
-    from exporters.registry import TARGETS, resolve
-
-    start = time.perf_counter()
-    targets = resolve(cfg.targets)
-    result = load_result(cfg.result_path)
-    teacher = resolve_teacher(result, cfg.teacher_path)
-    lut_quant = check_against_teacher(result, teacher)
-    student = load_student(result, teacher)
-    out = cfg.out_dir
-    _check_out_dir(out, cfg.force)
+    from exporters.registry import TARGETS
 
     seed = teacher.meta["seed"] if cfg.calibration_seed is None else cfg.calibration_seed
     calibration, calib_record = (calibration_set(teacher, cfg.calibration_images, seed)
@@ -161,12 +151,29 @@ def export(cfg: ExportConfig, progress: Callable[[str], None] = lambda _msg: Non
     options = {"io": cfg.io, "calibration": calibration, "layer_quant": teacher.layer_quant, "lut_form": cfg.lut_form}
     # The ONNX graph is the source of every target, so it is always written and listed.
     steps = [TARGETS["onnx"]] + [t for t in targets if t.name != "onnx"]
+    for variant, proto in _onnx_variants(teacher, student, result.layers, lut_quant).items():
+        onnx_graph.set_metadata(proto, mf.onnx_metadata(manifest, variant))
+        manifest["artifacts"] += _export_variant(tmp, variant, proto, steps, options, progress)
+    manifest = mf.seal(manifest, tmp)
+    write_json(tmp / mf.MANIFEST_NAME, manifest)
+    return manifest
+
+
+def export(cfg: ExportConfig, progress: Callable[[str], None] = lambda _msg: None) -> dict:
+    """Run the convert stage; returns {"out", "artifacts": [...manifest entries], "seconds"}."""
+    from exporters.registry import resolve
+
+    start = time.perf_counter()
+    targets = resolve(cfg.targets)
+    result = load_result(cfg.result_path)
+    teacher = resolve_teacher(result, cfg.teacher_path)
+    lut_quant = check_against_teacher(result, teacher)
+    student = load_student(result, teacher)
+    out = cfg.out_dir
+    _check_not_inputs(out, result, teacher)
     try:
-        with atomic_dir(out, cfg.force) as tmp:
-            for variant, proto in _onnx_variants(teacher, student, result.layers, lut_quant).items():
-                onnx_graph.set_metadata(proto, mf.onnx_metadata(manifest, variant))
-                manifest["artifacts"] += _export_variant(tmp, variant, proto, steps, options, progress)
-            write_json(tmp / mf.MANIFEST_NAME, manifest)
+        with atomic_dir(out, cfg.force) as tmp:  # claimed now: a second export into `out` fails at once
+            manifest = _export_into(tmp, cfg, targets, result, teacher, lut_quant, student, out, progress)
     except PermissionError as exc:
         raise ConfigError(f"cannot write {out}: {exc.strerror}; choose another --out") from None
     return {"out": str(out), "artifacts": manifest["artifacts"], "seconds": round(time.perf_counter() - start, 2)}

@@ -98,11 +98,15 @@ def _parse_layer(where: str, name: str, d) -> tuple[LayerLUT, ActivationQuant | 
 
 
 def parse_result(obj, where: str = "result.json") -> SearchResult:
+    """Types and ranges first (deploy_kit/schema.py: ResultFile), then the LUT rules per layer."""
+    from deploy_kit.schema import ResultFile, parse
+
     if not isinstance(obj, dict):
         raise _fail(where, "expected a JSON object with keys model, layers")
     schema = obj.get("schema")
     if schema is not None and schema != SCHEMA:
         raise _fail(where, f"unsupported schema {schema!r}; this deploykit reads {SCHEMA} and the research format")
+    parse(obj, ResultFile, where, ConfigError)
     if not isinstance(obj.get("model"), str):
         raise _fail(where, "missing \"model\" (the architecture name, e.g. \"lenet5\")")
     layers_in = obj.get("layers")

@@ -448,38 +448,88 @@ class Artifact:
 
 
 def load_manifest(exports_dir: Path) -> dict:
+    """manifest.json, sealed and typed: its own digest (`content_sha256`) is checked first, so an
+    edited code, hash or path is refused before any value is used; then deploy_kit/schema.py's
+    `Manifest` types every key (paths relative and inside the exports folder)."""
+    from deploy_kit.schema import Manifest, parse
+    from exporters.manifest import content_digest
+
     path = Path(exports_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ConfigError(f"{path}: no manifest; pass the folder written by `deploykit export` (it holds {MANIFEST_NAME})")
-    manifest = read_json(path, ConfigError, fix="; re-run `deploykit export`")
+    fix = "; re-run `deploykit export --force`"
+    manifest = read_json(path, ConfigError, fix=fix)
     if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA:
         found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
         raise ConfigError(f"{path}: expected schema {MANIFEST_SCHEMA}, found {found!r}")
-    if not isinstance(manifest.get("artifacts"), list) or not manifest["artifacts"]:
-        raise ConfigError(f"{path}: \"artifacts\" must be a non-empty list; re-run `deploykit export`")
+    recorded = manifest.get("content_sha256")
+    if not isinstance(recorded, str):
+        raise ConfigError(f"{path}: no content_sha256 (exported before manifests were sealed, or removed){fix}")
+    if content_digest(manifest) != recorded:
+        raise ExportError(f"{path}: its content does not match its content_sha256 {recorded[:12]}…; the manifest was "
+                          f"edited after export{fix}")
+    parse(manifest, Manifest, str(path), ConfigError, fix)
     return manifest
 
 
+def _confined(exports_dir: Path, rel: str, what: str) -> Path:
+    """`rel` resolved inside the exports folder; a symlink or path leading out of it is refused."""
+    folder = Path(exports_dir).resolve()
+    path = (folder / rel).resolve()
+    if not path.is_relative_to(folder):
+        raise ConfigError(f"{MANIFEST_NAME}: {what} {rel!r} leads outside {exports_dir}; every exported file "
+                          "lives in the exports folder — re-run `deploykit export --force`")
+    return Path(exports_dir) / rel
+
+
 def artifacts(manifest: dict, exports_dir: Path) -> list[Artifact]:
+    from deploy_kit.schema import Artifact as ArtifactSchema, parse
+
     out = []
     for i, e in enumerate(manifest["artifacts"]):
-        missing = [k for k in ("target", "path", "runtime", "sha256") if k not in e]
-        if missing:
-            raise ConfigError(f"{MANIFEST_NAME}: artifact #{i} lacks {', '.join(missing)}")
-        out.append(Artifact(e["target"], e.get("variant", "lut"), Path(exports_dir) / e["path"], e["runtime"],
-                            e["sha256"], int(e.get("bytes", -1)), e))
+        a = parse(e, ArtifactSchema, f"{MANIFEST_NAME}: artifact #{i}", ConfigError)
+        path = _confined(exports_dir, a.path, f"artifact #{i} path")
+        out.append(Artifact(a.target, a.variant, path, a.runtime, a.sha256, a.bytes, e))
     return out
+
+
+def _check_file(path: Path, sha256: str, what: str) -> None:
+    if not path.is_file():
+        raise ExportError(f"{path}: missing; the manifest lists it ({what}) — re-run `deploykit export`")
+    digest = sha256_file(path)
+    if digest != sha256:
+        raise ExportError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {sha256[:12]}…; "
+                          "the file changed after export — re-run `deploykit export --force`")
 
 
 def check_hashes(items: list[Artifact]) -> None:
     """Every artifact must be the file the exporter wrote: a changed file is an error."""
     for a in items:
-        if not a.path.is_file():
-            raise ExportError(f"{a.path}: missing; the manifest lists it ({a.target}/{a.variant}) — re-run `deploykit export`")
-        digest = sha256_file(a.path)
-        if digest != a.sha256:
-            raise ExportError(f"{a.path}: sha256 {digest[:12]}… does not match the manifest's {a.sha256[:12]}…; "
-                              "the file changed after export — re-run `deploykit export --force`")
+        _check_file(a.path, a.sha256, f"{a.target}/{a.variant}")
+
+
+def check_exports(manifest: dict, exports_dir: Path) -> list[Artifact]:
+    """Everything the manifest vouches for, before anything runs: every file of the exports folder
+    (the operator configs too), each artifact, and the result.json and teacher.json it was
+    exported from (their sha256). Returns the artifacts."""
+    for i, f in enumerate(manifest["files"]):
+        _check_file(_confined(exports_dir, f["path"], f"files #{i} path"), f["sha256"], "files")
+    items = artifacts(manifest, exports_dir)
+    check_hashes(items)
+    for key in ("result", "teacher"):
+        ref = manifest[key]
+        sha = ref["sha256"] if key == "result" else ref["sidecar_sha256"]
+        _check_source(Path(exports_dir) / ref["path"], sha, key)
+    return items
+
+
+def _check_source(path: Path, sha256: str, key: str) -> None:
+    name = {"result": "result.json", "teacher": "teacher.json"}[key]
+    if path.name != name and not (key == "result" and path.suffix == ".json"):
+        raise ConfigError(f"{MANIFEST_NAME}: {key}.path {path.name!r} is not a {name}; re-run `deploykit export --force`")
+    if not path.is_file() or sha256_file(path) != sha256:
+        raise ExportError(f"{path}: missing or changed since export (its sha256 is not the manifest's "
+                          f"{key}.sha256); the exports no longer match their {name} — re-run `deploykit export --force`")
 
 
 def runtimes_for(artifact: Artifact) -> list[str]:
@@ -528,9 +578,7 @@ def load_manifest_teacher(manifest: dict, exports_dir: Path):
     """The teacher the manifest was exported from, checked against its recorded sha256."""
     from deploy_kit.teacher import load_teacher
 
-    ref = manifest.get("teacher") or {}
-    if "path" not in ref:
-        raise ConfigError(f"{MANIFEST_NAME}: no teacher path recorded; re-run `deploykit export`")
+    ref = manifest["teacher"]
     teacher = load_teacher(Path(exports_dir) / ref["path"], expect_model=manifest.get("model"))
     if ref.get("sha256") and ref["sha256"] != teacher.sha256:
         raise ConfigError(f"{MANIFEST_NAME}: exported from teacher sha256 {ref['sha256'][:12]}…, but "

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from deploy_kit.errors import CheckpointError
 from deploy_kit.fsutil import atomic_path, read_json, sha256_file, write_json
 from deploy_kit.result import SearchResult
+from deploy_kit.schema import StudentSidecar, parse
 from deploy_kit.teacher import Teacher, load_qat_weights, state_dict_for_save
 
 FORMAT = "deploykit-student/1"
@@ -78,6 +79,7 @@ def load_sidecar(sidecar: Path, sha256: str, teacher: Teacher, recorded_in: str)
     meta = read_json(sidecar, CheckpointError, fix="; re-run `deploykit finetune --force`")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{sidecar}: expected a {FORMAT} sidecar; re-run `deploykit finetune --force`")
+    parse(meta, StudentSidecar, str(sidecar), CheckpointError, "; re-run `deploykit finetune --force`")
     t = (meta.get("teacher") or {}).get("sha256")
     if t != teacher.sha256:
         raise CheckpointError(f"{sidecar}: fine-tuned from teacher sha256 {str(t)[:12]}…, but the teacher is "

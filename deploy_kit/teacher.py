@@ -23,7 +23,6 @@ from deploy_kit.models import ZooModel, build_model
 
 FORMAT = "deploykit-teacher/1"
 WEIGHTS_NAME, SIDECAR_NAME = "teacher.safetensors", "teacher.json"
-REQUIRED_KEYS = ("model", "width", "input_shape", "classes", "layers", "normalization", "weights_sha256")
 
 
 @dataclass
@@ -92,15 +91,24 @@ def _resolve(path: Path) -> Path:
     return path
 
 
+def read_sidecar(sidecar: Path) -> dict:
+    """teacher.json, validated (deploy_kit/schema.py: TeacherSidecar): every key the code uses has
+    its type and range, and `weights` names a file in the sidecar's own folder."""
+    from deploy_kit.schema import TeacherSidecar, parse
+
+    fix = "; re-run `deploykit train`"
+    obj = read_json(sidecar, CheckpointError, fix=fix)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{sidecar}: expected a {FORMAT} sidecar, found format={found!r}")
+    parse(obj, TeacherSidecar, str(sidecar), CheckpointError, fix)
+    return obj
+
+
 def load_teacher(path: Path, expect_model: str | None = None) -> Teacher:
     """Load a teacher from its run folder, sidecar or weights file; checks format, hash, model."""
     sidecar = _resolve(path)
-    meta = read_json(sidecar, CheckpointError, fix="; re-run `deploykit train`")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{sidecar}: expected a {FORMAT} sidecar, found format={meta.get('format') if isinstance(meta, dict) else None!r}")
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise CheckpointError(f"{sidecar}: the sidecar lacks {', '.join(missing)}; re-run `deploykit train`")
+    meta = read_sidecar(sidecar)
     if expect_model and meta["model"] != expect_model:
         raise CheckpointError(f"{sidecar}: the teacher is a {meta['model']}, but {expect_model} was asked for; "
                               "pass the checkpoint of the same model")

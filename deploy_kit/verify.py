@@ -1,7 +1,9 @@
 """`verify`: prove every export reproduces the student on real data.
 
-Order matters: the artifacts are checked against the manifest's sha256 *before* anything runs,
-so a changed file is an error rather than a silently different measurement. Then the whole
+Order matters: the manifest's own digest, then every file of the exports folder and the
+result.json and teacher.json it was exported from, are checked against their sha256 *before*
+anything runs, so a changed file is an error (exit 2) rather than a silently different
+measurement. Then the whole
 test split goes through every runtime of every artifact, and each is scored against
 
   - the teacher (accuracy, and the drop vs the teacher's accuracy),
@@ -297,8 +299,7 @@ def verify_exports(cfg: VerifyConfig, progress: bool = True) -> VerifyReport:
     start = time.perf_counter()
     exports = Path(cfg.exports)
     manifest = rn.load_manifest(exports)
-    items = rn.artifacts(manifest, exports)
-    rn.check_hashes(items)
+    items = rn.check_exports(manifest, exports)
     teacher = rn.load_manifest_teacher(manifest, exports)
     luts, _ = rn.manifest_luts(manifest)
     spec, split = load_split(cfg, manifest, teacher)

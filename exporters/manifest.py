@@ -6,6 +6,7 @@ Paths in the manifest are relative to the manifest's folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from importlib import metadata as pkg_metadata
@@ -63,7 +64,8 @@ def base_manifest(teacher, result, luts: dict[str, LayerLUT], layer_quant: dict[
         "schema": SCHEMA, "model": teacher.arch, "width": teacher.meta.get("width"), "data": teacher.meta["data"],
         "seed": teacher.meta["seed"], "classes": list(teacher.meta["classes"]), "preprocessing": preprocessing(teacher),
         "input_quant": teacher.meta.get("input_quant"), "output_quant": teacher.meta.get("output_quant"),
-        "teacher": {"path": _relative(sidecar, out_dir), "sha256": teacher.sha256},
+        "teacher": {"path": _relative(sidecar, out_dir), "sha256": teacher.sha256,
+                    "sidecar_sha256": sha256_file(sidecar)},
         "result": {"path": _relative(result.path, out_dir), "sha256": sha256_file(result.path)},
         "layers": layers_entry(luts, layer_quant), "io": io, "lut_form": lut_form, "calibration": calibration, "tools": tool_versions(),
         "artifacts": [],
@@ -73,6 +75,27 @@ def base_manifest(teacher, result, luts: dict[str, LayerLUT], layer_quant: dict[
         base["student"] = {"path": _relative(s_sidecar, out_dir), "sha256": sha256_file(s_sidecar),
                            "weights_sha256": student.sha256}
     return base
+
+
+def content_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own `content_sha256`: any edit to a
+    code, a grid, a hash or a path changes it, and `verify` checks it before anything runs."""
+    body = {k: v for k, v in manifest.items() if k != "content_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def file_entries(folder: Path) -> list[dict]:
+    """Every file under the exports folder but the manifest itself: path, bytes, sha256."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_NAME)
+    return [{"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in files]
+
+
+def seal(manifest: dict, folder: Path) -> dict:
+    """The finished manifest: `files` lists every file written into `folder` (the operator
+    configs included) and `content_sha256` is its own digest (`content_digest`)."""
+    sealed = {**manifest, "files": file_entries(folder)}
+    return {**sealed, "content_sha256": content_digest(sealed)}
 
 
 def artifact_entry(target, variant: str, rel_path: str, file: Path, details: dict) -> dict:
