@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy_kit.errors import DataError
+from deploy_kit.errors import ConfigError, DataError
 
 DATASET_KINDS = ("digits", "cifar10:PATH", "imagefolder:PATH")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -136,7 +136,18 @@ def _upsample(images: np.ndarray, size: int) -> np.ndarray:
 # ---- cache ---------------------------------------------------------------------------------
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("DEPLOYKIT_CACHE", Path.home() / ".cache" / "deploykit"))
+    """$DEPLOYKIT_CACHE (default ~/.cache/deploykit); checked before any decoding, so a cache path
+    that cannot be a folder fails at once rather than after minutes of decoding."""
+    from deploy_kit.fsutil import check_creatable
+
+    path = Path(os.environ.get("DEPLOYKIT_CACHE") or Path.home() / ".cache" / "deploykit")
+    if path.exists() and not path.is_dir():
+        raise DataError(f"DEPLOYKIT_CACHE={path} is a file, not a folder; point it at a folder (or unset it)")
+    try:
+        check_creatable(path / "x")
+    except ConfigError as exc:  # a file on the way, or no permission
+        raise DataError(f"DEPLOYKIT_CACHE={path}: {exc}") from None
+    return path
 
 
 def _fingerprint(root: Path) -> str:
@@ -153,7 +164,7 @@ def _cached(spec: str, seed: int, decode) -> tuple[list[str], dict[str, Split]]:
     root = Path(spec.partition(":")[2])
     if not root.is_dir():
         raise DataError(f"{spec}: folder {root} does not exist; pass the folder that holds the dataset")
-    cache = _cache_dir() / f"{spec.partition(':')[0]}-{_fingerprint(root)}.npz"
+    cache = _cache_dir() / f"{spec.partition(':')[0]}-{_fingerprint(root)}.npz"  # checked before decoding
     if cache.exists():
         try:
             with np.load(cache, allow_pickle=False) as z:
@@ -224,21 +235,44 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return classes
 
 
-def _read_image_split(split_dir: Path, classes: list[str], size: tuple[int, int] | None) -> Split:
+def _to_rgb(im) -> np.ndarray:
+    """Any PIL image → uint8 RGB. PIL's own convert("RGB") clips 16-bit and 32-bit integer
+    grayscale ("I;16", "I") at 255 — a 16-bit PNG came out almost white — so those are scaled
+    from their full range (65535 → 255) first."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        wide = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
+        im = Image.fromarray(np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.rint(np.asarray(im) * 255.0), 0, 255).astype(np.uint8), mode="L")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _read_image(p: Path, size: tuple[int, int] | None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(p) as im:
+            if size is not None and im.size != size:
+                return np.asarray(Image.fromarray(_to_rgb(im)).resize(size, Image.BILINEAR), dtype=np.uint8)
+            return _to_rgb(im)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"imagefolder: {p} is too large to decode safely ({exc}); resize it or remove it") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"imagefolder: cannot decode {p} ({exc}); remove or replace the file") from None
+
+
+def _read_image_split(split_dir: Path, classes: list[str], size: tuple[int, int] | None) -> Split:
     images, labels = [], []
     for label, cls in enumerate(classes):
-        files = sorted(p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in (split_dir / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files and split_dir.name == "train":
+            raise DataError(f"imagefolder: class folder {split_dir / cls} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                            "every class needs training images — add some or remove the folder")
         for p in files:
-            try:
-                with Image.open(p) as im:
-                    im = im.convert("RGB")
-                    if size is not None and im.size != size:
-                        im = im.resize(size, Image.BILINEAR)
-                    images.append(np.asarray(im, dtype=np.uint8))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"imagefolder: cannot decode {p} ({exc}); remove or replace the file") from None
+            images.append(_read_image(p, size))
             labels.append(label)
             size = size or images[0].shape[1::-1]
     if not images:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from deploy_kit.errors import ConfigError, OutputExistsError
+from deploy_kit.fsutil import check_creatable
 
 STAGES = ("train", "search", "finetune", "export", "verify", "bench", "report")
 
@@ -85,6 +86,7 @@ class DemoOutcome:
 def check_run_folder(out: Path, force: bool) -> None:
     """A demo writes a whole run folder, so an existing non-empty one is refused as a whole
     (not at stage four, after minutes of training)."""
+    check_creatable(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; the demo needs a folder")
     if out.is_dir() and any(out.iterdir()) and not force:

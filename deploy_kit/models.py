@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from deploy_kit.errors import ConfigError
+from deploy_kit.errors import ConfigError, DataError
 
 
 class Tap(nn.Module):
@@ -62,8 +62,7 @@ class ZooModel(nn.Module):
         self.features = nn.Sequential(features)
         self.pool = nn.AdaptiveAvgPool2d(1) if global_pool else nn.Identity()
         self.flatten = nn.Flatten()
-        with torch.no_grad():
-            flat = self.flatten(self.pool(self.features(torch.zeros(1, *in_shape)))).shape[1]
+        flat = _flat_features(arch, self.features, self.pool, self.flatten, in_shape)
         self.classifier = nn.Sequential(head(flat))
         self.dequant = nn.Identity()
 
@@ -81,6 +80,23 @@ class ZooModel(nn.Module):
     def taps(self) -> "OrderedDict[str, Tap]":
         """The approximable activations, in forward order."""
         return OrderedDict((n, b.tap) for n, b in self.blocks().items() if isinstance(b.tap, Tap))
+
+
+def _flat_features(arch: str, features: nn.Module, pool: nn.Module, flatten: nn.Module,
+                   in_shape: tuple[int, int, int]) -> int:
+    """Features per image after the convolutions, by a dry run; images smaller than the model's
+    receptive field (its kernels and poolings) are a clear DataError, not a torch traceback."""
+    c, h, w = in_shape
+    try:
+        with torch.no_grad():
+            flat = flatten(pool(features(torch.zeros(1, c, h, w)))).shape[1]
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise DataError(f"{arch} cannot take {h}×{w} images: they are smaller than its kernels and poolings "
+                        f"need ({first}); use images of at least 32×32 (the zoo's size)") from None
+    if flat == 0:
+        raise DataError(f"{arch} cannot take {h}×{w} images: nothing is left after its poolings; use 32×32 images")
+    return flat
 
 
 def _ch(c: int, width: float) -> int:

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from deploy_kit.errors import ConfigError, DeployKitError
-from deploy_kit.fsutil import atomic_path, check_writable
+from deploy_kit.fsutil import atomic_path, check_writable, read_json
+from deploy_kit.schema import BenchRecord, LogLine, VerifyRecord, parse_file, parse_lines
 from deploy_kit.lut import ActivationQuant, LayerLUT
 
 REPORT_NAME = "report.html"
@@ -53,21 +54,23 @@ class RunFiles:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not readable JSON ({exc})") from None
+    obj = read_json(path, ConfigError)
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def _read_record(path: Path, model) -> dict:
+    """verify.json / bench.json, typed (deploy_kit/schema.py) before any section reads it."""
+    _, obj = parse_file(path, model, ConfigError, fix=f"; re-run the stage that wrote it or remove {path.name}")
+    return obj
 
 
 def _read_log(path: Path) -> list[dict]:
-    """Evaluation lines of a search_log.jsonl; the closing summary line has no `evaluation`."""
-    entries = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            entry = json.loads(line)
-            if "evaluation" in entry and "best_reward" in entry:
-                entries.append(entry)
-    return entries
+    """Evaluation lines of a search_log.jsonl (each line typed, deploy_kit/schema.py: LogLine);
+    the closing summary line has no `evaluation`."""
+    lines = parse_lines(path, LogLine, ConfigError, fix=f"; re-run `deploykit search --force` or remove {path.name}")
+    return [line.model_dump() for line in lines if line.evaluation is not None and line.best_reward is not None]
 
 
 def _log_label(path: Path, main_log: Path | None) -> str:
@@ -121,7 +124,7 @@ def collect(run_dir: Path) -> RunFiles:
     for name, attr, stage in (("verify.json", "verify", "verify"), ("bench.json", "bench", "bench")):
         path = run_dir / "exports" / name
         if path.is_file():
-            setattr(files, attr, _read_json(path))
+            setattr(files, attr, _read_record(path, VerifyRecord if attr == "verify" else BenchRecord))
         else:
             files.notes[attr] = f"no exports/{name} in {run_dir}: run `deploykit {stage} --exports {run_dir / 'exports'}`."
     return files

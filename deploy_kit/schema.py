@@ -90,12 +90,12 @@ class TeacherSidecar(Record):
     backend: Name = "qnnpack"
     data: Name
     seed: Seed
-    classes: list[Name] = Field(min_length=2, max_length=100_000)
+    classes: list[Name] = Field(min_length=1, max_length=100_000)
     input_shape: tuple[Annotated[StrictInt, Field(ge=1, le=4)], Annotated[StrictInt, Field(ge=1, le=4096)],
                        Annotated[StrictInt, Field(ge=1, le=4096)]]
     normalization: Normalization
-    input_quant: Quant | None = None
-    output_quant: Quant | None = None
+    input_quant: Record | None = None
+    output_quant: Record | None = None
     layers: dict[Name, Quant] = Field(min_length=1)
     accuracy: dict[str, dict[str, Finite | None]] = Field(default_factory=dict)
     weights: InsidePath = "teacher.safetensors"
@@ -148,6 +148,28 @@ class ResultFile(Record):
     student: StudentRef | None = None
 
 
+class SplitAccuracy(Record):
+    val: Finite
+    test: Finite
+
+
+class StudentAccuracy(Record):
+    teacher: SplitAccuracy
+    before: SplitAccuracy
+    after: SplitAccuracy
+
+
+class EpochRecord(Record):
+    epoch: Count
+    val_acc: Finite
+    val_kl: Finite
+
+
+class BeforeAfter(Record):
+    before: Finite
+    after: Finite
+
+
 class StudentSidecar(Record):
     """student.json (`deploykit finetune`)."""
 
@@ -156,7 +178,11 @@ class StudentSidecar(Record):
     result: Record
     weights: InsidePath = "student.safetensors"
     weights_sha256: SHA256
-    epochs: list[Record] = Field(default_factory=list)
+    accuracy: StudentAccuracy
+    chosen_epoch: Count
+    epochs: list[EpochRecord] = Field(min_length=1)
+    recipe: dict = Field(default_factory=dict)
+    layer_at_distance: dict[Name, BeforeAfter] = Field(default_factory=dict)
 
 
 class Artifact(Record):
@@ -191,7 +217,7 @@ class Manifest(Record):
     model: Name
     data: Name
     seed: Seed
-    classes: list[Name] = Field(min_length=2)
+    classes: list[Name] = Field(min_length=1)
     preprocessing: Record
     teacher: TeacherRef
     result: Ref

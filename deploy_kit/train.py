@@ -21,7 +21,7 @@ from deploy_kit.device import check_device_name, resolve_device
 from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import check_writable
 from deploy_kit.models import ARCHITECTURES, ZooModel, build_model
-from deploy_kit.teacher import SIDECAR_NAME, save_teacher
+from deploy_kit.teacher import SIDECAR_NAME, WEIGHTS_NAME, save_teacher
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,9 @@ def torch_threads(n: int):
 
 def train_teacher(cfg: TrainConfig, out_dir: Path, force: bool = False, ds: Dataset | None = None) -> dict:
     """Train, quantize and save a teacher into `out_dir`; returns the sidecar metadata."""
-    check_writable(Path(out_dir) / SIDECAR_NAME, force)
+    check_writable(Path(out_dir), force=True, kind="dir")  # a folder (or nothing) where nothing is on the way
+    for name in (SIDECAR_NAME, WEIGHTS_NAME):
+        check_writable(Path(out_dir) / name, force)
     device = resolve_device(cfg.device)  # --device cuda without a GPU fails here, before any work
     with torch_threads(cfg.threads):
         return _train_teacher(cfg, Path(out_dir), ds, device)

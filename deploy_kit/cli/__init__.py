@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import warnings
@@ -21,6 +22,22 @@ from deploy_kit import __version__
 from deploy_kit.errors import DeployKitError
 
 COMMANDS = ("train", "search", "finetune", "export", "verify", "bench", "report", "demo")
+
+
+class Finite(click.FloatRange):
+    """A number option in a range that must also be finite: click's FloatRange lets `nan`
+    through (every comparison with it is false) and reads `1e400` as inf."""
+
+    name = "finite number"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+SEED = click.IntRange(0, 2**63 - 1)
 
 
 def quiet_third_party() -> None:

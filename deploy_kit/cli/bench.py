@@ -6,19 +6,19 @@ from pathlib import Path
 
 import click
 
-from deploy_kit.cli import emit, handle_errors, json_option, say, say_skipped_runtimes
+from deploy_kit.cli import SEED, emit, handle_errors, json_option, say, say_skipped_runtimes
 
 
 @click.command("bench")
 @click.option("--exports", type=click.Path(path_type=Path), required=True,
               help="The folder written by `deploykit export` (holds manifest.json).")
-@click.option("--warmup", default=20, show_default=True, help="Untimed batch-1 runs before timing.")
-@click.option("--repeats", default=200, show_default=True, help="Timed batch-1 runs (p50/p90 over these).")
-@click.option("--repeats32", default=20, show_default=True, help="Timed batch-32 runs for throughput.")
-@click.option("--rounds", default=1, show_default=True,
+@click.option("--warmup", default=20, show_default=True, type=click.IntRange(0, 1_000_000), help="Untimed batch-1 runs before timing.")
+@click.option("--repeats", default=200, show_default=True, type=click.IntRange(1, 1_000_000), help="Timed batch-1 runs (p50/p90 over these).")
+@click.option("--repeats32", default=20, show_default=True, type=click.IntRange(1, 1_000_000), help="Timed batch-32 runs for throughput.")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 1000),
               help="Measure every artifact this many times, interleaved, and report the median (noisy machines).")
-@click.option("--threads", default=1, show_default=True, help="Threads per runtime.")
-@click.option("--seed", default=0, show_default=True, help="Chooses the test images fed to the timed runs.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 1024), help="Threads per runtime.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Chooses the test images fed to the timed runs.")
 @click.option("--float-baseline/--no-float-baseline", default=True, show_default=True,
               help="Also time the unquantized model in onnxruntime (variant `float`, not an export).")
 @json_option

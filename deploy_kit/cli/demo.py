@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from deploy_kit.cli import emit, handle_errors, json_option, say
+from deploy_kit.cli import Finite, emit, handle_errors, json_option, say
 from deploy_kit.models import ARCHITECTURES
 from exporters.onnx_to_tf import LUT_FORMS
 
@@ -18,17 +18,17 @@ from exporters.onnx_to_tf import LUT_FORMS
               help="Architecture; the 5-minute figure is for lenet5.")
 @click.option("--data", default="digits", show_default=True,
               help="digits (bundled, offline) | cifar10:PATH | imagefolder:PATH.")
-@click.option("--width", default=1.0, show_default=True, help="Channel multiplier.")
-@click.option("--epochs", default=30, show_default=True, help="Float training epochs.")
-@click.option("--qat-epochs", default=8, show_default=True, help="Quantization-aware fine-tuning epochs.")
-@click.option("--episodes", default=600, show_default=True,
+@click.option("--width", default=1.0, show_default=True, type=Finite(0, 4, min_open=True), help="Channel multiplier.")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(0, 100_000), help="Float training epochs.")
+@click.option("--qat-epochs", default=8, show_default=True, type=click.IntRange(max=100_000), help="Quantization-aware fine-tuning epochs.")
+@click.option("--episodes", default=600, show_default=True, type=click.IntRange(max=10_000_000),
               help="Search budget (reward evaluations); twice `search`'s default, for a lower-KL configuration.")
 @click.option("--finetune-epochs", default=15, show_default=True, type=click.IntRange(min=0),
               help="Fine-tuning epochs with the LUTs in place (`deploykit finetune`); 0 skips the stage.")
 @click.option("--lut-form", default="saturate", show_default=True, type=click.Choice(LUT_FORMS),
               help="How the TFLite export lowers each LUT; saturate, the default, is the fast one in LiteRT "
                    "(see `export --help`).")
-@click.option("--bench-repeats", default=100, show_default=True, help="Timed batch-1 runs per artifact.")
+@click.option("--bench-repeats", default=100, show_default=True, type=click.IntRange(max=1_000_000), help="Timed batch-1 runs per artifact.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
               help="Seeds training, the search, fine-tuning and the bench inputs.")
 @click.option("--force", is_flag=True, help="Replace the outputs of a previous run in --out.")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from deploy_kit.cli import emit, handle_errors, json_option, say
+from deploy_kit.cli import Finite, emit, handle_errors, json_option, say
 from deploy_kit.device import DEVICES
 
 
@@ -15,18 +15,18 @@ from deploy_kit.device import DEVICES
               help="result.json written by `deploykit search` (the LUT codes to train with).")
 @click.option("--teacher", "teacher_path", type=click.Path(path_type=Path), default=None,
               help="Teacher run folder; default: the `teacher.path` recorded in result.json.")
-@click.option("--epochs", default=15, show_default=True, type=click.IntRange(min=1),
+@click.option("--epochs", default=15, show_default=True, type=click.IntRange(1, 100_000),
               help="Training epochs; the epoch kept is the best on the validation split (0 = untouched included).")
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", default=1e-3, show_default=True, type=Finite(min=0, min_open=True),
               help="Peak Adam learning rate (cosine decay to 0).")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--temperature", default=2.0, show_default=True, type=Finite(min=0, min_open=True),
               help="Distillation temperature T of the KL term.")
-@click.option("--kd-weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--kd-weight", default=1.0, show_default=True, type=Finite(min=0),
               help="Weight of KL_T(teacher ‖ student)·T².")
-@click.option("--ce-weight", default=0.5, show_default=True, type=click.FloatRange(min=0),
+@click.option("--ce-weight", default=0.5, show_default=True, type=Finite(min=0),
               help="Weight of the cross-entropy on the labels.")
-@click.option("--at-weight", default=100.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--at-weight", default=100.0, show_default=True, type=Finite(min=0),
               help="Weight of the attention-transfer term at the conv taps (the search's λ).")
 @click.option("--max-train", type=click.IntRange(min=1), default=None, help="Use only the first N training images.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from deploy_kit.cli import emit, handle_errors, json_option, say
+from deploy_kit.cli import Finite, emit, handle_errors, json_option, say
 from deploy_kit.device import DEVICES, resolve_device
 
 
@@ -19,7 +19,7 @@ def _layer_list(_ctx, _param, value):
               help="Run folder (or teacher.json) written by `deploykit train`.")
 @click.option("--method", default="ppo", show_default=True, type=click.Choice(["ppo", "random", "greedy"]),
               help="PPO agent, or a baseline with the same reward and budget.")
-@click.option("--episodes", default=300, show_default=True, help="Budget: number of reward evaluations.")
+@click.option("--episodes", default=300, show_default=True, type=click.IntRange(1, 10_000_000), help="Budget: number of reward evaluations.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
               help="Seeds the reward images, the agent and the sampling.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
@@ -32,15 +32,15 @@ def _layer_list(_ctx, _param, value):
                    "the teacher); `deploykit finetune` on the new result then starts from that student.")
 @click.option("--layers", callback=_layer_list, default=None,
               help="Comma-separated layers to approximate (default: all); the others keep their ReLU.")
-@click.option("--max-acc-drop", default=1.0, show_default=True,
+@click.option("--max-acc-drop", default=1.0, show_default=True, type=Finite(0, 100),
               help="Selection: validation accuracy drop (points) a candidate may lose.")
-@click.option("--top-n", default=5, show_default=True, help="Best-reward candidates re-scored on validation.")
-@click.option("--temperature", default=2.0, show_default=True, help="Distillation temperature T of the KL term.")
-@click.option("--at-weight", default=100.0, show_default=True, help="λ of the attention-transfer term.")
-@click.option("--reward-images", default=512, show_default=True, help="Fixed train images every reward uses.")
-@click.option("--tmax-percentile", default=90.0, show_default=True, help="tmax = this percentile of non-zero codes …")
-@click.option("--tmax-offset", default=10, show_default=True, help="… plus this offset (at least 15, at most qmax).")
-@click.option("--tmax-fixed", type=int, default=None, help="Use this tmax code for every layer instead.")
+@click.option("--top-n", default=5, show_default=True, type=click.IntRange(1, 10_000), help="Best-reward candidates re-scored on validation.")
+@click.option("--temperature", default=2.0, show_default=True, type=Finite(0, 1000, min_open=True), help="Distillation temperature T of the KL term.")
+@click.option("--at-weight", default=100.0, show_default=True, type=Finite(0, 1e9), help="λ of the attention-transfer term.")
+@click.option("--reward-images", default=512, show_default=True, type=click.IntRange(1, 1_000_000), help="Fixed train images every reward uses.")
+@click.option("--tmax-percentile", default=90.0, show_default=True, type=Finite(0, 100), help="tmax = this percentile of non-zero codes …")
+@click.option("--tmax-offset", default=10, show_default=True, type=click.IntRange(0, 255), help="… plus this offset (at least 15, at most qmax).")
+@click.option("--tmax-fixed", type=click.IntRange(1, 255), default=None, help="Use this tmax code for every layer instead.")
 @click.option("--force", is_flag=True, help="Overwrite an existing result.json.")
 @json_option
 @handle_errors

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from deploy_kit.cli import emit, handle_errors, json_option, say
+from deploy_kit.cli import Finite, emit, handle_errors, json_option, say
 from deploy_kit.device import DEVICES
 from deploy_kit.models import ARCHITECTURES
 from deploy_kit.quant import BACKENDS
@@ -18,17 +18,17 @@ from deploy_kit.quant import BACKENDS
 @click.option("--data", default="digits", show_default=True,
               help="digits | cifar10:PATH | imagefolder:PATH (train/ test/ [val/] of class folders).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to write the teacher into.")
-@click.option("--width", default=1.0, show_default=True, help="Channel multiplier (like MobileNet's α).")
-@click.option("--epochs", default=30, show_default=True, help="Float pre-training epochs.")
-@click.option("--qat-epochs", default=8, show_default=True, help="Quantization-aware fine-tuning epochs.")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=2e-3, show_default=True, help="Peak learning rate of float training (Adam, one-cycle).")
+@click.option("--width", default=1.0, show_default=True, type=Finite(0, 4, min_open=True), help="Channel multiplier (like MobileNet's α).")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(0, 100_000), help="Float pre-training epochs.")
+@click.option("--qat-epochs", default=8, show_default=True, type=click.IntRange(1, 100_000), help="Quantization-aware fine-tuning epochs.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 1 << 20))
+@click.option("--lr", default=2e-3, show_default=True, type=Finite(0, 10, min_open=True), help="Peak learning rate of float training (Adam, one-cycle).")
 @click.option("--hflip", is_flag=True,
               help="Also mirror images left-right at random (natural images such as CIFAR-10; not for digits).")
 @click.option("--crop", default=0, show_default=True, type=click.IntRange(0, 16),
               help="Per-image random crops after padding each side by N pixels (CIFAR-10: 4, with --hflip); "
                    "0 keeps the per-batch shift of up to 2 pixels.")
-@click.option("--max-train", type=int, default=None, help="Use only the first N training images (quick runs).")
+@click.option("--max-train", type=click.IntRange(min=1), default=None, help="Use only the first N training images (quick runs).")
 @click.option("--backend", default="qnnpack", show_default=True, type=click.Choice(BACKENDS),
               help="Quantized engine the INT8 PyTorch model is converted for.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from deploy_kit.cli import emit, handle_errors, json_option, say, say_skipped_runtimes
+from deploy_kit.cli import Finite, emit, handle_errors, json_option, say, say_skipped_runtimes
 
 
 def _size(n: int) -> str:
@@ -45,14 +45,14 @@ def render_localize(row) -> list[str]:
 @click.option("--exports", type=click.Path(path_type=Path), required=True,
               help="The folder written by `deploykit export` (holds manifest.json).")
 @click.option("--data", default=None, help="Dataset spec (default: the teacher's, with its seed).")
-@click.option("--split", default="test", show_default=True, help="Split to verify on.")
-@click.option("--max-drop", default=1.0, show_default=True, help="Max accuracy drop vs the teacher, in points.")
-@click.option("--min-agreement", default=99.0, show_default=True,
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]), help="Split to verify on.")
+@click.option("--max-drop", default=1.0, show_default=True, type=Finite(0, 100), help="Max accuracy drop vs the teacher, in points.")
+@click.option("--min-agreement", default=99.0, show_default=True, type=Finite(0, 100),
               help="Min top-1 agreement (%) with the student (LUT exports) or the teacher (ReLU exports).")
 @click.option("--localize", is_flag=True,
               help="Compare codes at every LUT with the student; name the first diverging layer, and fail an "
                    "export whose LUT breaks its table even if top-1 agreement passes.")
-@click.option("--threads", type=int, default=None, help="Threads per runtime (default: the runtime's own).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="Threads per runtime (default: the runtime's own).")
 @json_option
 @handle_errors
 def command(exports, data, split, max_drop, min_agreement, localize, threads, as_json):
