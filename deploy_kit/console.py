@@ -17,3 +17,7 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(INTERRUPTED)
+
+
+if __name__ == "__main__":  # `python -m deploy_kit.console`, as the tests start concurrent exports
+    main()

@@ -87,7 +87,7 @@ def _log_label(path: Path, main_log: Path | None) -> str:
 
 def collect(run_dir: Path) -> RunFiles:
     """Read every stage's output that exists; a file that exists but is broken is still an error."""
-    from deploy_kit.result import load_result
+    from deploy_kit.result import check_against_teacher, load_result
     from deploy_kit.teacher import load_teacher
 
     run_dir = Path(run_dir)
@@ -104,6 +104,8 @@ def collect(run_dir: Path) -> RunFiles:
         files.teacher = load_teacher(result_path.parent / teacher_ref if teacher_ref else run_dir)
     except DeployKitError as exc:
         files.notes["teacher"] = str(exc)
+    if files.result is not None and files.teacher is not None:
+        check_against_teacher(files.result, files.teacher)  # a layer or model the teacher lacks: exit 2
     if files.result is not None and files.result.student and files.teacher is not None:
         from deploy_kit.student import load_student
 

@@ -520,7 +520,20 @@ def check_exports(manifest: dict, exports_dir: Path) -> list[Artifact]:
         ref = manifest[key]
         sha = ref["sha256"] if key == "result" else ref["sidecar_sha256"]
         _check_source(Path(exports_dir) / ref["path"], sha, key)
+    _check_layers(manifest, exports_dir)
     return items
+
+
+def _check_layers(manifest: dict, exports_dir: Path) -> None:
+    """The codes the manifest records (what verify's student uses) must be the result.json's."""
+    from deploy_kit.result import load_result
+
+    result = load_result(Path(exports_dir) / manifest["result"]["path"])
+    recorded = {n: lut.to_json() for n, lut in result.layers.items()}
+    exported = {n: {k: e[k] for k in next(iter(recorded.values()))} for n, e in manifest["layers"].items()}
+    if recorded != exported:
+        raise ExportError(f"{MANIFEST_NAME}: its LUT codes differ from {manifest['result']['path']}'s; the exports "
+                          "were not made from this result.json — re-run `deploykit export --force`")
 
 
 def _check_source(path: Path, sha256: str, key: str) -> None:

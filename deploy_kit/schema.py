@@ -32,6 +32,8 @@ SHA256 = Annotated[StrictStr, Field(pattern=r"^[0-9a-f]{64}$")]
 Seed = Annotated[StrictInt, Field(ge=0, lt=2**63)]
 Count = Annotated[StrictInt, Field(ge=0)]
 Code = Annotated[StrictInt, Field(ge=-128, le=255)]
+# LUT codes: any machine integer here; lut.py's rules (0 <= t1 < v1 < … <= qmax) name the layer
+LUTCode = Annotated[StrictInt, Field(ge=-(2**31), lt=2**31)]
 Finite = Annotated[float, Field(allow_inf_nan=False, strict=False)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Name = Annotated[StrictStr, Field(min_length=1, max_length=200)]
@@ -116,17 +118,24 @@ class Ref(Record):
     sha256: SHA256
 
 
+class TeacherPath(Record):
+    """result.json's teacher: where (relative to result.json) and, when known, its weights' sha256."""
+
+    path: RelativePath
+    sha256: SHA256 | None = None
+
+
 class StudentRef(Ref):
     path: InsidePath
     metrics: dict = Field(default_factory=dict)
 
 
 class ResultLayer(Record):
-    t1_code: Code
-    v1_code: Code
-    t2_code: Code
-    v2_code: Code
-    tmax_code: Code
+    t1_code: LUTCode
+    v1_code: LUTCode
+    t2_code: LUTCode
+    v2_code: LUTCode
+    tmax_code: LUTCode
     scale: Positive | None = None
     zero_point: Code | None = None
     qmin: Code | None = None
@@ -142,7 +151,7 @@ class ResultFile(Record):
     selection: StrictStr = ""
     metrics: dict = Field(default_factory=dict)
     layers: dict[Name, ResultLayer] = Field(min_length=1)
-    teacher: Ref | None = None
+    teacher: TeacherPath | None = None
     search: dict = Field(default_factory=dict)
     candidates: list = Field(default_factory=list)
     student: StudentRef | None = None
@@ -187,7 +196,7 @@ class StudentSidecar(Record):
 
 class Artifact(Record):
     target: Name
-    variant: Literal["lut", "relu"] = "lut"
+    variant: Literal["lut", "relu", "float"] = "lut"  # float: bench's unquantized baseline
     path: InsidePath
     bytes: Count
     sha256: SHA256

@@ -84,9 +84,14 @@ def content_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+# Written next to the manifest after export and replaced on each run (docs/ARTIFACTS.md): not sealed.
+MEASUREMENTS = ("verify.json", "bench.json", "bench.md")
+
+
 def file_entries(folder: Path) -> list[dict]:
-    """Every file under the exports folder but the manifest itself: path, bytes, sha256."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_NAME)
+    """Every file under the exports folder but the manifest and the measurements: path, bytes, sha256."""
+    skip = {MANIFEST_NAME, *MEASUREMENTS}
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in skip)
     return [{"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in files]
 

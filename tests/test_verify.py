@@ -21,6 +21,7 @@ from deploy_kit.errors import ConfigError, ExportError, VerificationError
 from deploy_kit.fsutil import sha256_file, write_json
 from deploy_kit.lut import ActivationQuant
 from deploy_kit.verify import VerifyConfig, mean_kl, verify_exports
+from exporters.manifest import seal
 
 ORT_TARGETS = ("onnx", "ort")
 
@@ -40,12 +41,13 @@ def exports(clean_exports, tmp_path) -> Path:
 
 
 def rehash(exports: Path, rel: str) -> None:
-    """Record an edited artifact's new sha256 in the manifest, as a (buggy) exporter would."""
+    """Record an edited artifact's new sha256 in the manifest and seal it again, as a (buggy)
+    exporter would."""
     manifest = json.loads((exports / "manifest.json").read_text())
     for a in manifest["artifacts"]:
         if a["path"] == rel:
             a["sha256"], a["bytes"] = sha256_file(exports / rel), (exports / rel).stat().st_size
-    write_json(exports / "manifest.json", manifest)
+    write_json(exports / "manifest.json", seal(manifest, exports))
 
 
 def break_lut_constant(exports: Path, layer: str, constant: str, shift_codes: int) -> None:

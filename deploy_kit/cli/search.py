@@ -64,16 +64,19 @@ def command(teacher, method, episodes, seed, device, out, from_student, layers, 
                        tmax=TmaxRule(percentile=tmax_percentile, offset=tmax_offset, fixed=tmax_fixed),
                        reward=RewardConfig(temperature=temperature, at_weight=at_weight, images=reward_images))
     resolve_device(device)  # a missing GPU is one line, before the progress bar starts
-    bar = tqdm(total=episodes, desc=f"search {method}", unit="eval", dynamic_ncols=True, leave=False)
+    bar = None  # made at the first evaluation: an input error before it stays one line
 
     def progress(ev):
+        nonlocal bar
+        bar = bar or tqdm(total=episodes, desc=f"search {method}", unit="eval", dynamic_ncols=True, leave=False)
         bar.update(1)
         bar.set_postfix(best=f"{ev.best_reward:.4f}", drop=f"{ev.score.acc_drop:.1f}pt", refresh=False)
 
     try:
         outcome = run_search(teacher, cfg, out=out, force=force, on_evaluation=progress, from_student=from_student)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     s, m = outcome.summary(), outcome.result.metrics
     say(f"{method}: {s['evaluations']} evaluations in {s['seconds']:.1f}s "
         f"({s['evaluations'] / max(s['seconds'], 1e-9):.1f}/s), best reward {s['best_reward']:.4f}")
