@@ -146,6 +146,14 @@ def bench_runtimes(art: rn.Artifact) -> list[str]:
     return [*rn.runtimes_for(art), *EXTRA_RUNTIMES.get(art.runtime, ())]
 
 
+def _artifact(entry: dict, exports: Path) -> rn.Artifact:
+    """A manifest entry, checked like every manifest path; the float baseline is bench's own
+    file in its temporary folder (absolute path, no manifest hash), made by `float_artifact`."""
+    if entry.get("variant") == FLOAT_VARIANT:
+        return rn.Artifact("onnx", FLOAT_VARIANT, Path(entry["path"]), "onnxruntime", "", entry["bytes"], entry)
+    return rn.artifacts({"artifacts": [entry]}, exports)[0]
+
+
 def measure(entry: dict, exports: Path, runtime: str, cfg: BenchConfig, x32: np.ndarray) -> dict:
     """Load one artifact and time it, in this process. The runtime is imported before the
     memory baseline: its code is shared by every model, the model's own cost is what we report."""
@@ -153,8 +161,8 @@ def measure(entry: dict, exports: Path, runtime: str, cfg: BenchConfig, x32: np.
 
     importlib.import_module(RUNTIME_MODULES.get(runtime, "numpy"))
     with PeakRSS() as mem:
-        runner = rn.make_runner(entry, exports, runtime=runtime, threads=cfg.threads, batch_size=THROUGHPUT_BATCH,
-                                isolate=False)  # this worker is the fresh process
+        runner = rn.make_runner(_artifact(entry, exports), exports, runtime=runtime, threads=cfg.threads,
+                                batch_size=THROUGHPUT_BATCH, isolate=False)  # this worker is the fresh process
         p50, p90 = latency_ms(runner, x32[:1], cfg.warmup, cfg.repeats)
         ips = throughput(runner, x32, cfg.repeats32)
     return {"runtime": runner.name, "latency_ms_p50": p50, "latency_ms_p90": p90, "throughput_ips": ips,

@@ -196,7 +196,7 @@ class StudentSidecar(Record):
 
 class Artifact(Record):
     target: Name
-    variant: Literal["lut", "relu", "float"] = "lut"  # float: bench's unquantized baseline
+    variant: Literal["lut", "relu"] = "lut"
     path: InsidePath
     bytes: Count
     sha256: SHA256
@@ -293,14 +293,18 @@ def _found(value) -> str:
 
 
 def describe(exc: ValidationError) -> str:
-    """The first problem pydantic found, as `key "a.b": expected …, found …`."""
-    err = exc.errors(include_url=False)[0]
-    loc = tuple(str(p).removesuffix("_") if p == "schema_" else p for p in err["loc"])
+    """The first problem pydantic found, as `key "a.b": expected …, found …` (or `lacks a, b`)."""
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    if err["type"] == "missing":  # name every missing key at once: one re-run fixes them all
+        return "lacks " + ", ".join(_key(_loc(e)) for e in errors if e["type"] == "missing")
     msg = err["msg"].removeprefix("Value error, ").removeprefix("Input should be ")
-    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    if err["type"] == "missing":
-        return f"key \"{_key(loc)}\" is missing{more}"
-    return f"key \"{_key(loc)}\": expected {msg}, found {_found(err.get('input'))}{more}"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"key \"{_key(_loc(err))}\": expected {msg}, found {_found(err.get('input'))}{more}"
+
+
+def _loc(err: dict) -> tuple:
+    return tuple("schema" if p == "schema_" else p for p in err["loc"])
 
 
 def parse(obj, model: type[M], where: str, error: type[Exception], fix: str = "") -> M:

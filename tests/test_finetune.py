@@ -200,8 +200,8 @@ def test_student_path_must_stay_inside_its_folder(tuned, tmp_path):
     raw = json.loads((copy / "result.json").read_text())
     raw["student"]["path"] = "../../etc/passwd"
     write_json(copy / "result.json", raw)
-    with pytest.raises(CheckpointError, match="stay inside"):
-        load_student(load_result(copy / "result.json"), load_teacher(copy))
+    with pytest.raises(ConfigError, match='"student.path": expected a relative path inside the file\'s own folder'):
+        load_result(copy / "result.json")  # refused where result.json is read, before any use
 
 
 def test_existing_student_needs_force(tuned):

@@ -233,7 +233,7 @@ def test_missing_checkpoint_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / SIDECAR_NAME).write_text(json.dumps({"format": "deploykit-teacher/1", "model": "lenet5"}))
-    with pytest.raises(CheckpointError, match="the sidecar lacks width, input_shape"):
+    with pytest.raises(CheckpointError, match="lacks width, data, seed, classes, input_shape"):
         load_teacher(run)
 
 

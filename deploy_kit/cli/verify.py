@@ -56,8 +56,9 @@ def render_localize(row) -> list[str]:
 @json_option
 @handle_errors
 def command(exports, data, split, max_drop, min_agreement, localize, threads, as_json):
-    """Check every artifact's sha256, run the whole split through every runtime, print one
-    table and write verify.json next to manifest.json. Exits 1 when a threshold fails.
+    """Check the exports (the manifest's own digest, every file's sha256, the result.json and
+    teacher.json they were made from: exit 2 on a mismatch), run the whole split through every
+    runtime, print one table and write verify.json next to manifest.json. Exits 1 when a threshold fails.
     Re-running replaces verify.json (no --force needed); the artifacts themselves are never modified.
 
     \b
