@@ -192,3 +192,11 @@ def test_litert_page_refuses_a_tampered_model(float_io_tflite, digit_pngs, chrom
     model.write_bytes(bytes(data))
     page = run_page(chromium, copy, digit_pngs[0][:1], tmp_path / "profile", "tflite")
     assert "sha256 mismatch" in page["error"] and model.name in page["error"]
+
+
+def test_litert_page_refuses_int8_io_and_names_the_fix(export_lenet_run, digit_pngs, chromium, tmp_path):
+    """LiteRT.js 2.5 has no int8 tensors (loading fails with "Element type INT8 is not
+    supported"): the page says which export it needs instead."""
+    exports = export_lenet_run("web_example_tflite_int8", ("tflite",))  # the default, int8 I/O
+    page = run_page(chromium, exports, digit_pngs[0][:1], tmp_path / "profile", "tflite")
+    assert "int8" in page["error"] and "--io float" in page["error"]
