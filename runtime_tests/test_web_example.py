@@ -2,22 +2,11 @@
 or LiteRT.js (both wasm), classifies real digits PNG files via its `?batch=` test hook and must
 agree with the Python runtimes on the same images (onnxruntime-python; for the .tflite, the
 LiteRT runner `verify` uses, over the whole test split verify scores); a tampered model must be
-refused.
-
-The page posts its JSON result back to the test's own localhost server: `--dump-dom` fires at the
-load event, before the async model load and inference finish, and `--virtual-time-budget` would
-both cut them short and fake the page's timings."""
+refused. The page driver is runtime_tests/web_page.py."""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import json
-import os
 import shutil
-import signal
-import subprocess
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,73 +15,14 @@ import pytest
 from deploy_kit.runners import load_manifest, make_runner
 from deploy_kit.teacher import load_teacher
 
-from conftest import CHROMIUM_FLAGS
+from web_page import missing_packages, run_page
 
-ROOT = Path(__file__).resolve().parents[1]
-WEB = ROOT / "examples" / "web"
-ORT_WEB = WEB / "node_modules" / "onnxruntime-web" / "dist"
-LITERT_WEB = WEB / "node_modules" / "@litertjs" / "core"
-REPORT_PATH = "/__report"
-
-pytestmark = pytest.mark.skipif(
-    not all((ORT_WEB / f).is_file() for f in ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.wasm"))
-    or not (LITERT_WEB / "dist" / "index.js").is_file(),
-    reason="examples/web/node_modules is absent: run `npm ci --prefix examples/web` (needs npm and the npm registry)")
+pytestmark = pytest.mark.skipif(missing_packages() is not None, reason=str(missing_packages()))
 
 
 @pytest.fixture(scope="module")
 def exports(export_lenet_run) -> Path:
     return export_lenet_run("web_example", ("onnx", "ort"))
-
-
-class _Site(http.server.SimpleHTTPRequestHandler):
-    """examples/web at /, an exports folder at /exports/, test images at /images/; the page's
-    POST to REPORT_PATH is handed to `on_report`."""
-
-    def __init__(self, *args, mounts: dict[str, Path], on_report, requested: list[str], **kwargs):
-        self.mounts, self.on_report, self.requested = mounts, on_report, requested
-        super().__init__(*args, directory=str(WEB), **kwargs)
-
-    def translate_path(self, path: str) -> str:
-        self.requested.append(path)
-        for prefix, folder in self.mounts.items():
-            if path.startswith(prefix):
-                return str(folder / path[len(prefix):].split("?")[0])
-        return super().translate_path(path)
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.send_response(204)
-        self.end_headers()
-        if self.path == REPORT_PATH:
-            self.on_report(json.loads(body))
-
-    def log_message(self, *args):
-        pass
-
-
-def run_page(chromium: str, exports: Path, images: list[Path], profile: Path, target: str = "onnx",
-             requested: list[str] | None = None) -> dict:
-    """Serve the page, open it in headless Chromium with `?batch=`, return what the page posts
-    (and append each path the browser asked the server for to `requested`)."""
-    posted, done = {}, threading.Event()
-    mounts = {"/exports/": exports, "/images/": images[0].parent}
-    handler = functools.partial(_Site, mounts=mounts, on_report=lambda r: (posted.update(r), done.set()),
-                                requested=requested if requested is not None else [])
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    batch = ",".join(f"images/{p.name}" for p in images)
-    url = f"http://127.0.0.1:{server.server_address[1]}/index.html?target={target}&report={REPORT_PATH}&batch={batch}"
-    browser = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", url],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        assert done.wait(120), "the page posted no result within 120 s"
-    finally:
-        os.killpg(browser.pid, signal.SIGTERM)  # the browser and the renderers it started, nothing else
-        browser.wait(30)
-        server.shutdown()
-        server.server_close()
-    return posted
 
 
 @pytest.mark.parametrize("target", ["onnx", "ort"])
