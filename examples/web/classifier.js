@@ -56,16 +56,16 @@ async function openLiteRt(bytes, artifact) {
   return {
     name: 'litert.js',
     async run(data, dims) {
-      const input = new litert.Tensor(data, dims);
+      const tensor = new litert.Tensor(data, dims);
       try {
-        const outputs = await model.run(input);
+        const results = await model.run(tensor);
         try {
-          return outputs[0].toTypedArray(); // a copy out of the wasm heap
+          return results[0].toTypedArray(); // a copy out of the wasm heap
         } finally {
-          outputs.forEach((t) => t.delete()); // LiteRT.js tensors are freed by hand
+          results.forEach((t) => t.delete()); // LiteRT.js tensors are freed by hand
         }
       } finally {
-        input.delete();
+        tensor.delete();
       }
     },
   };
