@@ -40,11 +40,11 @@ let liteRtLoading = null;
 async function openLiteRt(bytes, artifact) {
   // LiteRT.js 2.5's tensors are float32, int32 or uint8: it cannot feed or read an int8 tensor
   // (loading such a model fails with "Element type INT8 is not supported"). A model exported
-  // with `--io float` quantizes its input and dequantizes its output inside the graph, with
-  // the same kernels and parameters as the int8 edges, so it computes the same codes.
+  // with `--io float` quantizes its input and dequantizes its output inside the graph, with the
+  // scale and zero point the int8 edges have; `verify` checks it against the student like any export.
   const edges = [...artifact.inputs, ...artifact.outputs].filter((t) => t.dtype !== 'float32');
   if (edges.length) {
-    throw new ClassifierError(`${artifact.path}: LiteRT.js cannot feed ${edges[0].dtype} tensors ` +
+    throw new ClassifierError(`${artifact.path}: LiteRT.js has no ${edges[0].dtype} tensors ` +
                               `(${edges[0].name}); export the browser's model with ` +
                               '`deploykit export --target tflite --io float`');
   }
