@@ -44,20 +44,20 @@ LUT_CODES = {"t1_code": 2, "v1_code": 5, "t2_code": 9, "v2_code": 14, "tmax_code
 @pytest.fixture(scope="session")
 def export_lenet_run(lenet_teacher, tmp_path_factory):
     """Factory: a copy of the session teacher with a result.json (LUT_CODES at every layer) and its
-    exports for `targets` (TFLite LUTs lowered per `lut_form`, default: ExportConfig's); returns the
-    exports folder."""
+    exports for `targets` (TFLite LUTs lowered per `lut_form` and with `io` edges, defaults:
+    ExportConfig's); returns the exports folder."""
     from deploy_kit.export import ExportConfig, export
     from deploy_kit.fsutil import write_json
     from deploy_kit.teacher import load_teacher
 
-    def make(name: str, targets: tuple[str, ...], lut_form: str | None = None) -> Path:
+    def make(name: str, targets: tuple[str, ...], lut_form: str | None = None, io: str | None = None) -> Path:
         run = tmp_path_factory.mktemp(name)
         for f in lenet_teacher.iterdir():
             shutil.copy(f, run / f.name)
         teacher = load_teacher(run)
         write_json(run / "result.json", {"model": teacher.arch, "layers": {n: dict(LUT_CODES) for n in teacher.layer_quant},
                                          "teacher": {"path": ".", "sha256": teacher.sha256}})
-        options = {"lut_form": lut_form} if lut_form else {}
+        options = {k: v for k, v in (("lut_form", lut_form), ("io", io)) if v}
         export(ExportConfig(result_path=run / "result.json", targets=targets, **options))
         return run / "exports"
 

@@ -57,7 +57,7 @@ def stage_finetune(args, run: Path, record: dict) -> None:
     dst = run / "result.json"
     shutil.copy(src, dst)
     cfg = FinetuneConfig(result_path=dst, epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed,
-                         ce_weight=args.ce_weight, at_weight=args.at_weight, force=True, threads=args.threads)
+                         ce_weight=args.ce_weight, at_weight=args.at_weight, ema=args.ema, force=True, threads=args.threads)
     o = finetune(cfg, progress=lambda m: print(m, flush=True))
     record["finetune"] = {**o.summary(), "epochs": o.meta["epochs"], "recipe": o.meta["recipe"],
                           "from": src.name}
@@ -117,6 +117,7 @@ def main() -> None:
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--ce-weight", type=float, default=0.5)
     p.add_argument("--at-weight", type=float, default=100.0)
+    p.add_argument("--ema", type=float, default=0.0, help="finetune --ema")
     p.add_argument("--lut-form", default=DEFAULT_LUT_FORM)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

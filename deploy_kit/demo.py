@@ -37,6 +37,7 @@ class DemoConfig:
     # Fine-tuning epochs with the LUTs in place (`deploykit finetune`); 0 skips the stage and
     # exports the searched student with the teacher's weights.
     finetune_epochs: int = 15
+    finetune_ema: float = 0.0  # `finetune --ema`
     lut_form: str = "saturate"  # how the TFLite export lowers each LUT (`export --lut-form`)
     bench_repeats: int = 100  # timed batch-1 runs per artifact (bench's own default is 200)
     seed: int = 0  # train split/init/order, search agent and sampling, bench inputs
@@ -106,7 +107,8 @@ def _stage_configs(cfg: DemoConfig):
     return (TrainConfig(model=cfg.model, data=cfg.data, width=cfg.width, epochs=cfg.epochs,
                         qat_epochs=cfg.qat_epochs, seed=cfg.seed),
             SearchConfig(episodes=cfg.episodes, seed=cfg.seed),
-            (FinetuneConfig(result_path=out / "result.json", epochs=cfg.finetune_epochs, seed=cfg.seed, force=cfg.force)
+            (FinetuneConfig(result_path=out / "result.json", epochs=cfg.finetune_epochs, ema=cfg.finetune_ema, seed=cfg.seed,
+                            force=cfg.force)
              if cfg.finetune_epochs else None),
             ExportConfig(result_path=out / "result.json", targets=("all",), lut_form=cfg.lut_form,
                          force=cfg.force),

@@ -12,7 +12,7 @@ each target in registry order. Everything is built in a temp folder and swapped 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -50,11 +50,15 @@ class ExportConfig:
             raise ConfigError(f"--io must be one of {', '.join(IO_CHOICES)}, got {self.io!r}")
         if self.calibration_images < 1:
             raise ConfigError(f"calibration_images must be >= 1, got {self.calibration_images}")
-        from exporters.registry import resolve
+        from exporters.registry import TARGETS, check_options, resolve
 
         if self.lut_form not in LUT_FORMS:
             raise ConfigError(f"--lut-form must be one of {', '.join(LUT_FORMS)}, got {self.lut_form!r}")
-        resolve(self.targets)  # unknown target names fail here, before any work
+        # Unknown target names fail here, before any work, and so does a target option none of the
+        # chosen targets takes (`--io float --target ort`), which would otherwise be ignored.
+        defaults = {f.name: f.default for f in fields(self)}
+        options = {o for t in TARGETS.values() for o in t.options}
+        check_options(resolve(self.targets), {o: getattr(self, o) for o in sorted(options) if getattr(self, o) != defaults[o]})
 
     @property
     def out_dir(self) -> Path:

@@ -63,6 +63,10 @@ class FinetuneConfig:
     kd_weight: float = 1.0
     ce_weight: float = 0.5
     at_weight: float = 100.0  # the search reward's λ (AT values are ~1e-4..1e-2)
+    # Exponential moving average of the weights (per step; 0 = off): what each epoch evaluates
+    # and what is kept. It smooths the last steps' noise that the epoch choice would otherwise
+    # pick up (benchmarks/cifar10.md).
+    ema: float = 0.0
     seed: int = 0
     device: str = "auto"
     threads: int = 1
@@ -82,6 +86,8 @@ class FinetuneConfig:
                               f"{self.temperature}, {self.kd_weight}, {self.ce_weight}, {self.at_weight}")
         if self.max_train is not None and self.max_train < 1:
             raise ConfigError(f"--max-train must be >= 1, got {self.max_train}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"--ema must be in [0, 1) (0 = off; e.g. 0.999), got {self.ema}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"--seed must be in 0..2^63-1, got {self.seed}")
         check_device_name(self.device)
@@ -91,7 +97,8 @@ class FinetuneConfig:
         return Path(self.out) if self.out else Path(self.result_path).parent
 
     def recipe(self) -> dict:
-        keys = ("epochs", "lr", "batch_size", "temperature", "kd_weight", "ce_weight", "at_weight", "seed", "max_train")
+        keys = ("epochs", "lr", "batch_size", "temperature", "kd_weight", "ce_weight", "at_weight", "ema", "seed",
+                "max_train")
         d = {k: v for k, v in asdict(self).items() if k in keys}
         return {**d, "optimizer": "adam", "schedule": "cosine", "selection": SELECTION}
 
@@ -166,6 +173,24 @@ def follow_weight_scales(model: ZooModel) -> None:
     for m in model.modules():
         if hasattr(m, "weight_fake_quant"):
             m.weight_fake_quant.activation_post_process.reset_min_max_vals()
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters (buffers — the frozen activation
+    grids — are the model's own). The decay ramps up as (1+t)/(10+t) so early steps count."""
+
+    def __init__(self, model: ZooModel, decay: float):
+        self.decay, self.steps = decay, 0
+        self.model = copy.deepcopy(model)
+        for tap in self.model.taps().values():
+            tap._forward_hooks.clear()
+        self.params = [p.detach() for p in self.model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: ZooModel) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1 - decay)
 
 
 def trainable_student(teacher: Teacher, luts: dict[str, LayerLUT], device: torch.device) -> ZooModel:
@@ -285,6 +310,7 @@ def _finetune(cfg: FinetuneConfig, inp: _Inputs, device: torch.device, progress)
              f"val KL {kl0:.4f}")
 
     student, target = trainable_student(init, luts, device), training_teacher(teacher, device)
+    average = WeightAverage(student, cfg.ema) if cfg.ema else None
     rec_s, rec_t = TapRecorder(student, at_layers), TapRecorder(target, at_layers)
     opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
@@ -295,9 +321,10 @@ def _finetune(cfg: FinetuneConfig, inp: _Inputs, device: torch.device, progress)
     try:
         for epoch in tqdm(range(1, cfg.epochs + 1), desc="finetune", unit="epoch", leave=False, dynamic_ncols=True):
             t0 = time.perf_counter()
-            loss_sum = _train_epoch(student, target, rec_s, rec_t, train, ds, opt, sched, gen, cfg, aug, device)
+            loss_sum = _train_epoch(student, target, rec_s, rec_t, train, ds, opt, sched, gen, cfg, aug, device,
+                                    average)
             trained += len(train)
-            frozen = frozen_student(student, teacher, luts)
+            frozen = frozen_student(average.model if average else student, teacher, luts)
             acc, agree, kl = evaluate(frozen)
             history.append(EpochRecord(epoch, round(loss_sum / len(train), 6), acc, agree, kl,
                                        round(time.perf_counter() - t0, 2)))
@@ -323,7 +350,7 @@ def _spatial_taps(teacher: Teacher, layers: list[str]) -> list[str]:
 
 
 def _train_epoch(student, target, rec_s, rec_t, train: Split, ds: Dataset, opt, sched, gen, cfg: FinetuneConfig,
-                 aug: dict, device) -> float:
+                 aug: dict, device, average: WeightAverage | None = None) -> float:
     student.train()
     order = torch.randperm(len(train), generator=gen).numpy()
     shuffled = Split(train.images[order], train.labels[order])
@@ -342,6 +369,8 @@ def _train_epoch(student, target, rec_s, rec_t, train: Split, ds: Dataset, opt, 
         loss.backward()
         opt.step()
         sched.step()
+        if average:
+            average.update(student)
         total += float(loss.detach()) * len(y)
     return total
 

@@ -31,6 +31,7 @@ class Target:
     export_fn: str  # "module:function", imported on first use
     description: str
     calibrated: bool = False  # needs calibration images (post-training quantization)
+    options: tuple[str, ...] = ()  # the export options (ExportConfig fields) it takes beyond the defaults
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -60,7 +61,7 @@ TARGETS: dict[str, Target] = {
                   "ORT Mobile flatbuffer + required_operators.config for a reduced build"),
     "tflite": Target("tflite", "model_int8.tflite", "litert", "exporters.tflite:export_tflite",
                      "full-integer TFLite INT8 (int8 I/O unless --io float), LUT per --lut-form (default saturate)",
-                     calibrated=True),
+                     calibrated=True, options=("io", "lut_form")),
 }
 ALL = "all"
 
@@ -78,3 +79,15 @@ def resolve(names) -> list[Target]:
     if unknown:
         raise ConfigError(f"unknown target {unknown[0]!r}; choose from {', '.join(TARGETS)} or {ALL}")
     return [t for n, t in TARGETS.items() if n in names]
+
+
+def check_options(targets: list[Target], given: dict[str, str]) -> None:
+    """Options set away from their defaults (`{"io": "float"}`) must apply to a chosen target: an
+    option no chosen target takes would be silently ignored, so it is a ConfigError naming the
+    targets that take it."""
+    for option, value in given.items():
+        if not any(option in t.options for t in targets):
+            takers = [t.name for t in TARGETS.values() if option in t.options]
+            flag = "--" + option.replace("_", "-")
+            raise ConfigError(f"{flag} {value} applies to the {', '.join(takers)} target only, not to "
+                              f"{', '.join(t.name for t in targets)}; add --target {takers[0]} or drop {flag}")

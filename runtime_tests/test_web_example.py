@@ -1,21 +1,12 @@
 """examples/web in a real headless Chromium: the page loads an export through onnxruntime-web
-(wasm), classifies real digits PNG files via its `?batch=` test hook and must agree with
-onnxruntime-python on the same images; a tampered model must be refused.
-
-The page posts its JSON result back to the test's own localhost server: `--dump-dom` fires at the
-load event, before the async model load and inference finish, and `--virtual-time-budget` would
-both cut them short and fake the page's timings."""
+or LiteRT.js (both wasm), classifies real digits PNG files via its `?batch=` test hook and must
+agree with the Python runtimes on the same images (onnxruntime-python; for the .tflite, the
+LiteRT runner `verify` uses, over the whole test split verify scores); a tampered model must be
+refused. The page driver is runtime_tests/web_page.py."""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import json
-import os
 import shutil
-import signal
-import subprocess
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,67 +15,14 @@ import pytest
 from deploy_kit.runners import load_manifest, make_runner
 from deploy_kit.teacher import load_teacher
 
-from conftest import CHROMIUM_FLAGS
+from web_page import missing_packages, run_page
 
-ROOT = Path(__file__).resolve().parents[1]
-WEB = ROOT / "examples" / "web"
-ORT_WEB = WEB / "node_modules" / "onnxruntime-web" / "dist"
-REPORT_PATH = "/__report"
-
-pytestmark = pytest.mark.skipif(
-    not all((ORT_WEB / f).is_file() for f in ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.wasm")),
-    reason="examples/web/node_modules is absent: run `npm ci --prefix examples/web` (needs npm and the npm registry)")
+pytestmark = pytest.mark.skipif(missing_packages() is not None, reason=str(missing_packages()))
 
 
 @pytest.fixture(scope="module")
 def exports(export_lenet_run) -> Path:
     return export_lenet_run("web_example", ("onnx", "ort"))
-
-
-class _Site(http.server.SimpleHTTPRequestHandler):
-    """examples/web at /, an exports folder at /exports/, test images at /images/; the page's
-    POST to REPORT_PATH is handed to `on_report`."""
-
-    def __init__(self, *args, mounts: dict[str, Path], on_report, **kwargs):
-        self.mounts, self.on_report = mounts, on_report
-        super().__init__(*args, directory=str(WEB), **kwargs)
-
-    def translate_path(self, path: str) -> str:
-        for prefix, folder in self.mounts.items():
-            if path.startswith(prefix):
-                return str(folder / path[len(prefix):].split("?")[0])
-        return super().translate_path(path)
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.send_response(204)
-        self.end_headers()
-        if self.path == REPORT_PATH:
-            self.on_report(json.loads(body))
-
-    def log_message(self, *args):
-        pass
-
-
-def run_page(chromium: str, exports: Path, images: list[Path], profile: Path, target: str = "onnx") -> dict:
-    """Serve the page, open it in headless Chromium with `?batch=`, return what the page posts."""
-    posted, done = {}, threading.Event()
-    mounts = {"/exports/": exports, "/images/": images[0].parent}
-    handler = functools.partial(_Site, mounts=mounts, on_report=lambda r: (posted.update(r), done.set()))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    batch = ",".join(f"images/{p.name}" for p in images)
-    url = f"http://127.0.0.1:{server.server_address[1]}/index.html?target={target}&report={REPORT_PATH}&batch={batch}"
-    browser = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", url],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        assert done.wait(120), "the page posted no result within 120 s"
-    finally:
-        os.killpg(browser.pid, signal.SIGTERM)  # the browser and the renderers it started, nothing else
-        browser.wait(30)
-        server.shutdown()
-        server.server_close()
-    return posted
 
 
 @pytest.mark.parametrize("target", ["onnx", "ort"])
@@ -115,3 +53,80 @@ def test_page_refuses_a_tampered_model(exports, digit_pngs, chromium, tmp_path):
     model.write_bytes(bytes(data))
     page = run_page(chromium, copy, digit_pngs[0][:1], tmp_path / "profile")
     assert "sha256 mismatch" in page["error"] and "model.onnx" in page["error"]
+
+
+# ----------------------------------------------------------------------------- LiteRT.js
+
+@pytest.fixture(scope="module")
+def float_io_tflite(export_lenet_run) -> Path:
+    """A .tflite with float I/O: LiteRT.js 2.5 has no int8 tensors (examples/web/README.md)."""
+    return export_lenet_run("web_example_tflite", ("tflite",), io="float")
+
+
+@pytest.fixture(scope="module")
+def verify_split_pngs(float_io_tflite, tmp_path_factory):
+    """The split `verify` scores (its own loader): grayscale PNG files, and the `Split` they hold."""
+    from PIL import Image
+
+    from deploy_kit.runners import load_manifest_teacher
+    from deploy_kit.verify import VerifyConfig, load_split
+
+    manifest = load_manifest(float_io_tflite)
+    _, split = load_split(VerifyConfig(float_io_tflite), manifest, load_manifest_teacher(manifest, float_io_tflite))
+    folder = tmp_path_factory.mktemp("verify_split_pngs")
+    paths = [folder / f"test_{i:04d}.png" for i in range(len(split))]
+    for path, image in zip(paths, split.images):
+        Image.fromarray(image[..., 0], mode="L").save(path)
+    return paths, split
+
+
+def test_litert_page_agrees_with_verify(float_io_tflite, verify_split_pngs, chromium, tmp_path):
+    from deploy_kit.data import normalize
+    from deploy_kit.verify import VerifyConfig, percent, verify_exports
+
+    paths, split = verify_split_pngs
+    assert len(paths) >= 100
+    requested: list[str] = []
+    page = run_page(chromium, float_io_tflite, paths, tmp_path / "profile", "tflite", requested)
+    assert "error" not in page, page.get("error")
+    manifest = load_manifest(float_io_tflite)
+    entry = next(a for a in manifest["artifacts"] if a["target"] == "tflite" and a["variant"] == "lut")
+    assert page["model"] == entry["path"] and page["runtime"] == "litert.js"
+    assert [r["image"] for r in page["results"]] == [f"images/{p.name}" for p in paths]
+    web_top1 = np.asarray([r["top"][0]["index"] for r in page["results"]])
+    web = np.asarray([r["logits"] for r in page["results"]], np.float32)
+
+    # verify's own LiteRT row on this split (its thresholds judge the LUT, not the page: relaxed)
+    report = verify_exports(VerifyConfig(float_io_tflite, max_drop=100.0, min_agreement=0.0), progress=False)
+    row = next(r for r in report.rows if r.runtime == "litert" and r.artifact == entry["path"])
+    assert report.images == len(paths) and percent(web_top1 == split.labels) == row.accuracy
+    # and image by image: the runner verify ran, on the same normalized split
+    logits = make_runner(entry, float_io_tflite).predict(normalize(split.images, load_teacher(float_io_tflite.parent).norm))
+    assert web_top1.tolist() == logits.argmax(1).tolist()
+    # The same int8 kernels (XNNPACK) on the same float input: the page normalizes in float32
+    # steps as numpy does, the graph's own QUANTIZE makes the same input codes, and the logits
+    # are the same dequantized output codes — equal, not merely within one output step.
+    np.testing.assert_array_equal(web, logits)
+    # LiteRT.js and its wasm came from node_modules through this server, not from a CDN
+    assert any(p.startswith("/node_modules/@litertjs/core/wasm/") and p.endswith(".wasm") for p in requested)
+    ms = sorted(r["ms"] for r in page["results"])
+    print(f"\nLiteRT.js/wasm, {len(ms)} images: ready {page['timing']['ready_ms']:.0f} ms, first prediction "
+          f"{page['timing']['first_prediction_ms']:.0f} ms after navigation, median {ms[len(ms) // 2]:.3f} ms/image")
+
+
+def test_litert_page_refuses_a_tampered_model(float_io_tflite, digit_pngs, chromium, tmp_path):
+    copy = shutil.copytree(float_io_tflite, tmp_path / "exports")
+    model = copy / next(a["path"] for a in load_manifest(copy)["artifacts"] if a["target"] == "tflite")
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    page = run_page(chromium, copy, digit_pngs[0][:1], tmp_path / "profile", "tflite")
+    assert "sha256 mismatch" in page["error"] and model.name in page["error"]
+
+
+def test_litert_page_refuses_int8_io_and_names_the_fix(export_lenet_run, digit_pngs, chromium, tmp_path):
+    """LiteRT.js 2.5 has no int8 tensors (loading fails with "Element type INT8 is not
+    supported"): the page says which export it needs instead."""
+    exports = export_lenet_run("web_example_tflite_int8", ("tflite",))  # the default, int8 I/O
+    page = run_page(chromium, exports, digit_pngs[0][:1], tmp_path / "profile", "tflite")
+    assert "int8" in page["error"] and "--io float" in page["error"]

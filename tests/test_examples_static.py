@@ -63,7 +63,7 @@ def readable_keys(manifest: dict, targets: tuple[str, ...]) -> set[str]:
 
 
 # (example sources, key extractor, artifact targets the example loads). The web page loads the
-# float-input ONNX graph, but quantizes an int8 input (as a TFLite entry describes it) if given one.
+# float-input ONNX graph or (LiteRT.js) the .tflite, and quantizes an int8 input if given one.
 EXAMPLE_SOURCES = {
     "android": (["android/DeployKitClassifier.kt"], kotlin_keys, ("tflite",)),
     "ios": (["ios/DeployKitClassifier.swift"], swift_keys, ("tflite",)),

@@ -144,6 +144,20 @@ def test_config_rejects_bad_options(tmp_path):
         ExportConfig(result_path=tmp_path / "r.json", targets=("tfjs",))
 
 
+@pytest.mark.parametrize("option", [("--io", "float"), ("--lut-form", "select")])
+def test_a_tflite_option_without_the_tflite_target_is_refused(run, option):
+    """ONNX and ORT take and return float and keep Less/Where: the option would be ignored."""
+    code, _, err = invoke("--config", run / "result.json", "--target", "ort", "--target", "onnx", *option)
+    assert code == 2 and f"{option[0]} {option[1]} applies to the tflite target only" in err
+    assert "add --target tflite" in err and not (run / "exports").exists()
+
+
+def test_target_options_apply_when_a_chosen_target_takes_them(tmp_path):
+    ExportConfig(result_path=tmp_path / "r.json", targets=("onnx", "tflite"), io="float", lut_form="select")
+    ExportConfig(result_path=tmp_path / "r.json", targets=("all",), io="float")
+    ExportConfig(result_path=tmp_path / "r.json", targets=("ort",), io="int8")  # the default: nothing asked
+
+
 def test_failed_export_leaves_the_previous_one_untouched(run, monkeypatch):
     """Everything is built in a temp folder: a target failing half-way changes nothing on disk."""
     from exporters.registry import Target

@@ -215,6 +215,7 @@ def test_existing_student_needs_force(tuned):
 @pytest.mark.parametrize("kw, match", [
     ({"epochs": 0}, "--epochs"), ({"device": "tpu"}, "unknown --device"), ({"lr": float("nan")}, "--lr"),
     ({"kd_weight": 0.0, "ce_weight": 0.0, "at_weight": 0.0}, "not all 0"), ({"seed": -1}, "--seed"),
+    ({"ema": 1.0}, "--ema"), ({"ema": -0.1}, "--ema"),
 ])
 def test_bad_config(tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -240,7 +241,33 @@ def test_cuda_without_a_gpu_is_one_line(lenet_teacher, tmp_path):
     assert not (run / "student.json").exists()
 
 
-@pytest.mark.parametrize("args, match", [(["--epochs", "0"], "--epochs"), (["--device", "tpu"], "--device")])
+def test_weight_average_follows_the_weights_and_is_what_is_kept(lenet_teacher, tmp_path):
+    from deploy_kit.finetune import WeightAverage
+
+    teacher = load_teacher(lenet_teacher)
+    luts = {n: LayerLUT(10, 40, 70, 110, 150) for n in teacher.layer_quant}
+    model = trainable_student(teacher, luts, torch.device("cpu"))
+    average = WeightAverage(model, decay=0.5)
+    start = [p.detach().clone() for p in average.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    average.update(model)  # first step: decay min(0.5, 2/11) → 9/11 of the way to the weights
+    for a, s0 in zip(average.model.parameters(), start):
+        assert torch.allclose(a, s0 + 9 / 11, atol=1e-6)
+    run = make_run(lenet_teacher, tmp_path / "run")
+    outcome = finetune(tiny(run, epochs=2, ema=0.9))
+    assert outcome.meta["recipe"]["ema"] == 0.9
+    result = load_result(run / "result.json")
+    kept = load_student(result, teacher).student(result.layers)
+    ds = load_dataset("digits", 0)
+    val = ds.split("val")
+    chosen = outcome.meta["epochs"][outcome.meta["chosen_epoch"]]  # what was evaluated is what was saved
+    assert round(100.0 * float((predict(kept, val, ds).argmax(1) == val.labels).mean()), 2) == chosen["val_acc"]
+
+
+@pytest.mark.parametrize("args, match", [(["--epochs", "0"], "--epochs"), (["--device", "tpu"], "--device"),
+                                         (["--ema", "1"], "--ema")])
 def test_cli_refusals(lenet_teacher, tmp_path, args, match):
     run = make_run(lenet_teacher, tmp_path / "run")
     res = CliRunner().invoke(main, ["finetune", "--config", str(run / "result.json"), *args])

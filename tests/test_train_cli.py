@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from deploy_kit.cli import main
@@ -152,3 +153,24 @@ def test_a_run_shorter_than_the_lr_warmup_trains(tmp_path):
                     "--max-train", "64")
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "run" / WEIGHTS_NAME).is_file()
+
+
+def test_random_crops_are_windows_of_the_zero_padded_images():
+    from deploy_kit.train import augment, random_crops
+
+    x = torch.arange(4 * 2 * 5 * 5, dtype=torch.float32).reshape(4, 2, 5, 5) + 1
+    crops = random_crops(x, torch.Generator().manual_seed(3), pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(4):
+        windows = [padded[i, :, dy:dy + 5, dx:dx + 5] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(crops[i], w) for w in windows)
+    offsets = {tuple(torch.nonzero(c[0]).min(0).values.tolist()) for c in crops}
+    assert len(offsets) > 1  # one window per image, not one per batch
+    same = augment(x, torch.Generator().manual_seed(3), crop=2)
+    assert torch.equal(same, crops)
+
+
+@pytest.mark.parametrize("crop", ["-1", "17"])
+def test_crop_out_of_range_is_one_line(tmp_path, crop):
+    res = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "r"), "--crop", crop])
+    assert res.exit_code == 2 and "--crop" in res.output and not (tmp_path / "r").exists()

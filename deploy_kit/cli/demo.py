@@ -25,6 +25,8 @@ from exporters.onnx_to_tf import LUT_FORMS
               help="Search budget (reward evaluations); twice `search`'s default, for a lower-KL configuration.")
 @click.option("--finetune-epochs", default=15, show_default=True, type=click.IntRange(min=0),
               help="Fine-tuning epochs with the LUTs in place (`deploykit finetune`); 0 skips the stage.")
+@click.option("--finetune-ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="`finetune --ema`: keep a moving average of the weights (per-step decay; 0 = off).")
 @click.option("--lut-form", default="saturate", show_default=True, type=click.Choice(LUT_FORMS),
               help="How the TFLite export lowers each LUT; saturate, the default, is the fast one in LiteRT "
                    "(see `export --help`).")
@@ -34,7 +36,8 @@ from exporters.onnx_to_tf import LUT_FORMS
 @click.option("--force", is_flag=True, help="Replace the outputs of a previous run in --out.")
 @json_option
 @handle_errors
-def command(out, arch, data, width, epochs, qat_epochs, episodes, finetune_epochs, lut_form, bench_repeats, seed, force, as_json):
+def command(out, arch, data, width, epochs, qat_epochs, episodes, finetune_epochs, finetune_ema, lut_form, bench_repeats, seed, force,
+            as_json):
     """Train → search → finetune → export (all targets) → verify → bench → report, into one run folder.
 
     Prints a line per stage, then the verify and bench tables and the report's path. Exits 1
@@ -55,7 +58,8 @@ def command(out, arch, data, width, epochs, qat_epochs, episodes, finetune_epoch
     from deploy_kit.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, model=arch, data=data, width=width, epochs=epochs, qat_epochs=qat_epochs,
-                     episodes=episodes, finetune_epochs=finetune_epochs, lut_form=lut_form, bench_repeats=bench_repeats, seed=seed, force=force)
+                     episodes=episodes, finetune_epochs=finetune_epochs, finetune_ema=finetune_ema,
+                     lut_form=lut_form, bench_repeats=bench_repeats, seed=seed, force=force)
     bar = None
 
     def on_evaluation(ev):

@@ -20,7 +20,8 @@ from exporters.registry import ALL, TARGETS
               type=click.Choice([*TARGETS, ALL]),
               help="Export target (repeatable). model.onnx is always written: every target converts it.")
 @click.option("--io", default="int8", show_default=True, type=click.Choice(["int8", "float"]),
-              help="TFLite input/output type (ONNX and ORT take and return float).")
+              help="TFLite input/output type (ONNX and ORT take and return float: refused unless a tflite target is chosen). "
+                   "float for LiteRT.js in the browser, which has no int8 tensors.")
 @click.option("--lut-form", default=DEFAULT_LUT_FORM, show_default=True, type=click.Choice(LUT_FORMS),
               help="How the TFLite file lowers each LUT. saturate (default) = 5-7 int8 ops per layer clamped by "
                    "int8 saturation (SUB/MUL/ADD/LEAKY_RELU), all taken by XNNPACK: the fastest form, about the "

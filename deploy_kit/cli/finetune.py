@@ -28,6 +28,9 @@ from deploy_kit.device import DEVICES
               help="Weight of the cross-entropy on the labels.")
 @click.option("--at-weight", default=100.0, show_default=True, type=Finite(min=0),
               help="Weight of the attention-transfer term at the conv taps (the search's λ).")
+@click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Keep an exponential moving average of the weights with this per-step decay (e.g. 0.999) and "
+                   "evaluate/keep it instead of the raw weights; 0 = off.")
 @click.option("--max-train", type=click.IntRange(min=1), default=None, help="Use only the first N training images.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
               help="Where training runs (auto: CUDA when present). Accuracies are always computed on the CPU.")
@@ -40,7 +43,7 @@ from deploy_kit.device import DEVICES
 @json_option
 @handle_errors
 def command(result_path, teacher_path, epochs, lr, batch_size, temperature, kd_weight, ce_weight, at_weight,
-            max_train, device, threads, seed, out, force, as_json):
+            ema, max_train, device, threads, seed, out, force, as_json):
     """Fine-tune the student: the teacher's weights trained with the LUTs of result.json in place
     (straight-through), distilled from the frozen INT8 teacher with
     kd·KL_T·T² + ce·CE + at·AT. Activation grids stay the teacher's, so the codes keep their
@@ -58,7 +61,7 @@ def command(result_path, teacher_path, epochs, lr, batch_size, temperature, kd_w
 
     cfg = FinetuneConfig(result_path=result_path, teacher_path=teacher_path, epochs=epochs, lr=lr,
                          batch_size=batch_size, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
-                         at_weight=at_weight, max_train=max_train, device=device, threads=threads, seed=seed,
+                         at_weight=at_weight, ema=ema, max_train=max_train, device=device, threads=threads, seed=seed,
                          out=out, force=force)
     outcome = finetune(cfg, progress=say)
     s = outcome.summary()
