@@ -256,7 +256,7 @@ SEARCH_BAD = [("--seed", "-1"), ("--seed", "99999999999999999999999"), ("--episo
 FINETUNE = ("--config", f"{RUN}/result.json", "--out", f"{TMP}/ft")
 FINETUNE_BAD = [("--epochs", "0"), ("--lr", "nan"), ("--lr", "0"), ("--batch-size", "0"), ("--temperature", "0"),
                 ("--temperature", "inf"), ("--kd-weight", "-1"), ("--ce-weight", "nan"), ("--at-weight", "-1"),
-                ("--seed", "-1"), ("--max-train", "0"), ("--threads", "0")]
+                ("--seed", "-1"), ("--max-train", "0"), ("--threads", "0"), ("--ema", "nan"), ("--ema", "1")]
 
 VERIFY = ("--exports", f"{RUN}/exports")
 VERIFY_BAD = [("--max-drop", "nan"), ("--max-drop", "-1"), ("--min-agreement", "101"), ("--min-agreement", "nan"),
@@ -268,7 +268,8 @@ BENCH_BAD = [("--seed", "-1"), ("--warmup", "-1"), ("--repeats", "0"), ("--repea
 
 DEMO = ("--out", f"{TMP}/demo")
 DEMO_BAD = [("--seed", "-1"), ("--episodes", "0"), ("--width", "nan"), ("--epochs", "-1"), ("--qat-epochs", "1e9"),
-            ("--bench-repeats", "0"), ("--lut-form", "gather"), ("--finetune-epochs", "-1"), ("--model", "x")]
+            ("--bench-repeats", "0"), ("--lut-form", "gather"), ("--finetune-epochs", "-1"), ("--model", "x"),
+            ("--finetune-ema", "nan")]
 
 EXPORT = ("--config", f"{RUN}/result.json", "--out", f"{TMP}/exp")
 EXPORT_BAD = [("--target", "coreml"), ("--io", "int4"), ("--lut-form", "gather")]

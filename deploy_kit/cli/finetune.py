@@ -28,7 +28,7 @@ from deploy_kit.device import DEVICES
               help="Weight of the cross-entropy on the labels.")
 @click.option("--at-weight", default=100.0, show_default=True, type=Finite(min=0),
               help="Weight of the attention-transfer term at the conv taps (the search's λ).")
-@click.option("--ema", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--ema", default=0.0, show_default=True, type=Finite(0, 1, max_open=True),
               help="Keep an exponential moving average of the weights with this per-step decay (e.g. 0.999) and "
                    "evaluate/keep it instead of the raw weights; 0 = off.")
 @click.option("--max-train", type=click.IntRange(min=1), default=None, help="Use only the first N training images.")
