@@ -176,11 +176,12 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     model = float_from_teacher(teacher, x_bn)
     infos = layer_infos(model, in_shape)
     image = normalize(ds.split("val").images[:1], ds.norm)
+    if cfg.metric == "macs":  # fails before the (slower) latency table is measured
+        _check_reachable(_space(infos, lambda ch: float(macs(infos, ch)), cfg), cfg, meta["model"])
     spec = TableSpec(meta["model"], meta["width"], in_shape, cfg.runtime, full_channels(infos), cfg.table_random, seed=cfg.seed)
     table = latency_table(spec, model, infos, x_bn, image, say)
     seconds["latency_table"] = round(time.perf_counter() - clock, 1)
-    cost = table.predict if cfg.metric == "latency" else (lambda ch: float(macs(infos, ch)))
-    space = ag.ChannelSpace(infos, cost, cfg.ratio * cost(full_channels(infos)))
+    space = _space(infos, table.predict if cfg.metric == "latency" else (lambda ch: float(macs(infos, ch))), cfg)
     _check_reachable(space, cfg, meta["model"])
 
     clock = time.perf_counter()
@@ -216,6 +217,10 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
         save_teacher(student, new_meta, tmp)
         _write_log(tmp / LOG_NAME, scorer.records)
     return PruneOutcome(out, {**new_meta}, seconds)
+
+
+def _space(infos, cost, cfg: PruneConfig) -> ag.ChannelSpace:
+    return ag.ChannelSpace(infos, cost, cfg.ratio * cost(full_channels(infos)))
 
 
 def _check_reachable(space: ag.ChannelSpace, cfg: PruneConfig, arch: str) -> None:
