@@ -162,9 +162,11 @@ def test_unknown_runtime_and_existing_output(lenet_teacher, tmp_path):
     r = invoke("--teacher", lenet_teacher, "--runtime", "coreml", "--out", tmp_path / "p", *FAST)
     assert r.exit_code == 2 and "unknown --runtime 'coreml'" in r.stderr
     (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "teacher.json").write_text("{}")
     r = invoke("--teacher", lenet_teacher, "--out", tmp_path / "p", *FAST)
     assert r.exit_code == 2 and "already exists; pass --force" in r.stderr
-    assert list((tmp_path / "p").iterdir()) == []
+    assert [f.name for f in (tmp_path / "p").iterdir()] == ["teacher.json"]
+    assert (tmp_path / "p" / "teacher.json").read_text() == "{}"
     with pytest.raises(ConfigError):
         PruneConfig(teacher=lenet_teacher, alpha=-1)
     assert parse_budget("macs=0.25") == ("macs", 0.25)
@@ -199,3 +201,11 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     # the exports must reproduce the student; how much the LUT costs this 1-epoch model is not the point
     report = verify_exports(VerifyConfig(exports=out / "exports", max_drop=100.0), progress=False)
     assert report.passed, report.rows
+
+
+def test_demo_checks_the_prune_budget_before_any_work(tmp_path):
+    from deploy_kit.demo import DemoConfig, run_demo
+
+    with pytest.raises(ConfigError, match="must be in"):
+        run_demo(DemoConfig(out=tmp_path / "demo", prune="latency=2"))
+    assert not (tmp_path / "demo").exists()

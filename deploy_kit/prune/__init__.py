@@ -27,7 +27,7 @@ from deploy_kit import quant
 from deploy_kit.data import Dataset, Split, load_dataset, normalize
 from deploy_kit.device import check_device_name, resolve_device
 from deploy_kit.errors import ConfigError
-from deploy_kit.fsutil import atomic_dir, atomic_path, check_writable, sha256_file
+from deploy_kit.fsutil import atomic_path, check_writable
 from deploy_kit.prune import agent as ag
 from deploy_kit.prune.distil import DistilConfig, distil_and_qat
 from deploy_kit.prune.latency import RUNTIMES, LatencyTable, TableSpec, export_for_runtime, latency_table, measure
@@ -159,7 +159,10 @@ class Scorer:
 
 
 def run_prune(cfg: PruneConfig, out: Path, force: bool = False, say: Callable[[str], None] = print) -> PruneOutcome:
-    check_writable(Path(out), force)  # before any work: nothing is written when it exists
+    """Prune, distil and QAT `cfg.teacher` into the run folder `out` (teacher.safetensors,
+    teacher.json, prune_log.jsonl, each written atomically, as `train` writes its folder)."""
+    for name in (SIDECAR_NAME, LOG_NAME):  # before any work: nothing is written when one exists
+        check_writable(Path(out) / name, force)
     teacher = load_teacher(cfg.teacher)
     device = resolve_device(cfg.device)
     with torch_threads(1):
@@ -213,9 +216,8 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
                 "accuracy": acc, "arithmetic": quant.ARITHMETIC, "config": asdict(run_cfg), "device": str(device),
                 "versions": versions(), "pruning": pruning}
     new_meta["seconds"] = round(sum(seconds.values()), 2)
-    with atomic_dir(out, force) as tmp:
-        save_teacher(student, new_meta, tmp)
-        _write_log(tmp / LOG_NAME, scorer.records)
+    _write_log(out / LOG_NAME, scorer.records)
+    save_teacher(student, new_meta, out)  # the sidecar last: a folder with it is complete
     return PruneOutcome(out, {**new_meta}, seconds)
 
 
@@ -283,5 +285,6 @@ def _pruning_record(cfg, spec, teacher, table, scorer, best, channels, infos, ti
 
 
 def _write_log(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
