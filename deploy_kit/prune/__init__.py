@@ -24,18 +24,19 @@ import numpy as np
 import torch
 
 from deploy_kit import quant
-from deploy_kit.data import Dataset, Split, load_dataset, normalize
+from deploy_kit.data import Dataset, load_dataset, normalize
 from deploy_kit.device import check_device_name, resolve_device
 from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import atomic_path, check_writable
 from deploy_kit.prune import agent as ag
 from deploy_kit.prune.distil import DistilConfig, distil_and_qat
-from deploy_kit.prune.latency import RUNTIMES, LatencyTable, TableSpec, export_for_runtime, latency_table, measure
+from deploy_kit.prune.latency import RUNTIMES, TableSpec, export_for_runtime, latency_table, measure
+from deploy_kit.prune.reward import Scorer
 from deploy_kit.prune.surgery import (channel_counts, float_from_teacher, full_channels, layer_infos, macs,
                                       pruned_copy, reestimate_bn)
 from deploy_kit.search.ppo import PPOConfig
 from deploy_kit.teacher import SIDECAR_NAME, Teacher, load_teacher, save_teacher
-from deploy_kit.train import TrainConfig, accuracy, predict, torch_threads, versions
+from deploy_kit.train import TrainConfig, torch_threads, versions
 
 METRICS = ("latency", "macs")
 METHODS = ("ppo", "l1-uniform")
@@ -122,40 +123,6 @@ def _train_images(ds: Dataset, n: int, seed: int) -> torch.Tensor:
 def _train_config(teacher: Teacher) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in teacher.meta.get("config", {}).items() if k in known})
-
-
-class Scorer:
-    """The reward: prune a copy, re-estimate BN on training images, accuracy on the val split."""
-
-    def __init__(self, model, infos, table: LatencyTable, x_bn, val: Split, ds: Dataset, cfg: PruneConfig):
-        self.model, self.infos, self.table, self.x_bn, self.val, self.ds, self.cfg = model, infos, table, x_bn, val, ds, cfg
-        self.in_shape = tuple(x_bn.shape[1:])
-        full = full_channels(infos)
-        self.acc0, self.macs0, self.ms0 = self._accuracy(full), macs(infos, full), table.predict(full)
-        self.records: list[dict] = []
-        self._seen: dict[tuple, dict] = {}
-
-    def _accuracy(self, channels: dict[str, int]) -> float:
-        model = reestimate_bn(pruned_copy(self.model, channels, self.in_shape), self.x_bn)
-        return accuracy(predict(model, self.val, self.ds), self.val.labels)
-
-    def __call__(self, configs: list[dict[str, int]]) -> list[float]:
-        return [self.one(c)["reward"] for c in configs]
-
-    def one(self, channels: dict[str, int]) -> dict:
-        key = tuple(sorted(channels.items()))
-        if key not in self._seen:
-            acc = self._accuracy(channels)
-            dc, dh = macs(self.infos, channels) / self.macs0 - 1, self.table.predict(channels) / self.ms0 - 1
-            reward = self.cfg.alpha * (acc - self.acc0) / 100 - self.cfg.beta * dc - self.cfg.gamma * dh
-            self._seen[key] = {"channels": dict(channels), "val_acc": acc, "macs_ratio": round(dc + 1, 4),
-                               "latency_ratio_predicted": round(dh + 1, 4), "reward": round(reward, 6)}
-        rec = {"episode": len(self.records) + 1, **self._seen[key]}
-        self.records.append(rec)
-        return rec
-
-    def best(self) -> dict:
-        return max(self.records, key=lambda r: (r["reward"], -r["episode"]))
 
 
 def run_prune(cfg: PruneConfig, out: Path, force: bool = False, say: Callable[[str], None] = print) -> PruneOutcome:

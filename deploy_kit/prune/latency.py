@@ -253,7 +253,6 @@ def build_table(spec: TableSpec, float_model: ZooModel, infos: dict, x_calib: to
                 extra: list[dict[str, int]] = ()) -> LatencyTable:
     """Export, time and fit (see the module docstring); writes the cache."""
     configs = sample_configs(infos, spec.n_random + spec.n_holdout, spec.seed)
-    holdout = configs[-spec.n_holdout:] if spec.n_holdout else []
     fitset = configs[:len(configs) - spec.n_holdout]
     with tempfile.TemporaryDirectory(prefix="deploykit-latency-") as tmp:
         paths = []

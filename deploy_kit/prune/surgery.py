@@ -212,7 +212,3 @@ def _identity_bn_hook(bn: nn.BatchNorm2d, bias: torch.Tensor):
         bn.weight.copy_(torch.sqrt(var + bn.eps))
         bn.bias.copy_(bias + mean)
     return hook
-
-
-def parameter_count(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
