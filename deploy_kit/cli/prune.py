@@ -61,8 +61,8 @@ def command(teacher, budget, runtime, method, episodes, alpha, beta, gamma, kd_e
     full = p["channels_full"]
     say("channels: " + ", ".join(f"{n} {full[n]}→{c}" for n, c in outcome.meta["channels"].items() if n in full))
     say(f"MACs {p['macs']['ratio']:.3f}× · {runtime} latency measured {lat['measured']['pruned']:.4f} ms vs "
-        f"{lat['measured']['unpruned']:.4f} ms ({lat['measured_ratio']:.3f}×; table predicted {lat['predicted_ratio']:.3f}×, "
-        f"error {lat['table_error_pct']['pruned']:+.1f}%)")
+        f"{lat['measured']['unpruned']:.4f} ms ({lat['measured_ratio']:.3f}×; table predicted {lat['predicted_ratio']:.3f}×: "
+        f"error {lat['table_error_pct']['ratio']:+.1f}% on the ratio, {lat['table_error_pct']['pruned']:+.1f}% on the ms)")
     say(f"INT8 accuracy: val {acc['val']:.2f}%  test {acc['test']:.2f}%  (unpruned test {p['source']['accuracy_int8']['test']:.2f}%)")
     say(f"teacher → {out / 'teacher.json'}   ({', '.join(f'{k} {v:.0f}s' for k, v in outcome.seconds.items())})")
     emit(outcome.summary())
