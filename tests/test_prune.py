@@ -121,6 +121,19 @@ def test_same_seed_same_episodes(float_lenet):
     assert a == b
 
 
+def test_search_starts_from_the_l1_uniform_configuration(float_lenet):
+    model, _ = float_lenet
+    infos = sg.layer_infos(model, SHAPE)
+    cost = lambda ch: float(sg.macs(infos, ch))  # noqa: E731
+    space = ag.ChannelSpace(infos, cost, 0.5 * cost(sg.full_channels(infos)))
+    seen = []
+    ag.ppo_prune_search(space, lambda configs: seen.extend(configs) or [0.0] * len(configs), 5, PPOConfig(), seed=0)
+    uniform = ag.uniform_config(space)
+    assert len(seen) == 5 and seen[0] == uniform and cost(uniform) <= space.budget
+    bigger = {n: lt.round_channels(space.full[n], ag.uniform_ratio(space) + 1 / 64) for n in uniform}
+    assert bigger == uniform or cost(bigger) > space.budget  # the largest uniform ratio within budget
+
+
 def test_channel_rounding():
     assert lt.round_channels(84, 1.0) == 84 and lt.round_channels(84, 0.5) == 40
     assert lt.round_channels(6, 0.1) == 4 and lt.round_channels(128, 0.01) == 8
