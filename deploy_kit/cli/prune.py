@@ -46,7 +46,10 @@ def command(teacher, budget, runtime, method, episodes, alpha, beta, gamma, kd_e
 
     \b
     Example:
-      deploykit prune --teacher runs/lenet5 --budget latency=0.5 --out runs/lenet5-pruned
+      deploykit prune --teacher runs/vgg16 --budget latency=0.5 --out runs/vgg16-pruned
+      deploykit prune --teacher runs/lenet5 --budget macs=0.5 --out runs/lenet5-pruned
+
+    (LeNet5's LiteRT latency is fixed overhead: a latency budget cannot be reached there.)
     """
     from deploy_kit.prune import PruneConfig, run_prune
     from deploy_kit.prune.distil import DistilConfig
