@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -90,6 +91,25 @@ def test_macs_follow_the_channel_counts(float_lenet):
     conv2 = infos["conv2"]
     assert sg.macs(infos, {**full, "conv1": 3}) == sg.macs(infos, full) - 3 * 784 * 25 - 3 * 16 * 25 * 100
     assert conv2.macs(6, 16) == 6 * 16 * 25 * 100
+
+
+@pytest.mark.parametrize("arch", ["nin", "mobilenet_v1", "vgg16", "alexnet"])
+def test_torch_pruning_handles_the_zoo(arch):
+    """Depthwise groups (MobileNet), NiN's fixed class maps, VGG and AlexNet heads: the pruned model
+    runs, has the asked counts, matches the MACs computed from the counts, and a model built from
+    the counts has the same shapes (how a pruned teacher is loaded)."""
+    shape = (3, 32, 32)
+    model = build_model(arch, shape, 10, 0.25).eval()
+    infos = sg.layer_infos(model, shape)
+    rng = np.random.default_rng(0)
+    want = {n: lt.round_channels(c, float(rng.uniform(0.1, 1))) for n, c in sg.full_channels(infos).items()}
+    pruned = sg.pruned_copy(model, want, shape)
+    assert pruned(torch.zeros(2, *shape)).shape == (2, 10)
+    assert {n: sg.channel_counts(pruned)[n] for n in want} == want
+    own = sg.layer_infos(pruned, shape)
+    assert sg.macs(own, sg.full_channels(own)) == sg.macs(infos, want)
+    built = build_model(arch, shape, 10, 0.25, channels=sg.channel_counts(pruned))
+    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in pruned.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------- the agent
