@@ -20,6 +20,7 @@ from deploy_kit.errors import ConfigError, OutputExistsError
 from deploy_kit.fsutil import check_creatable
 
 STAGES = ("train", "search", "finetune", "export", "verify", "bench", "report")
+UNPRUNED_DIR = "unpruned"  # with --prune: where the demo trains the teacher that prune narrows
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class DemoConfig:
     bench_repeats: int = 100  # timed batch-1 runs per artifact (bench's own default is 200)
     seed: int = 0  # train split/init/order, search agent and sampling, bench inputs
     force: bool = False
+    # `deploykit prune` between train and search (e.g. "latency=0.5"); None (the default) skips it.
+    # The unpruned teacher then lives in OUT/unpruned/ and OUT holds the pruned one.
+    prune: str | None = None
+    prune_episodes: int = 32
 
     def __post_init__(self):
         if self.bench_repeats < 1:
@@ -104,7 +109,12 @@ def _stage_configs(cfg: DemoConfig):
     from deploy_kit.verify import VerifyConfig
 
     out = Path(cfg.out)
-    return (TrainConfig(model=cfg.model, data=cfg.data, width=cfg.width, epochs=cfg.epochs,
+    prune_cfg = None
+    if cfg.prune:
+        from deploy_kit.prune import PruneConfig
+
+        prune_cfg = PruneConfig(teacher=out / UNPRUNED_DIR, budget=cfg.prune, episodes=cfg.prune_episodes, seed=cfg.seed)
+    return prune_cfg, (TrainConfig(model=cfg.model, data=cfg.data, width=cfg.width, epochs=cfg.epochs,
                         qat_epochs=cfg.qat_epochs, seed=cfg.seed),
             SearchConfig(episodes=cfg.episodes, seed=cfg.seed),
             (FinetuneConfig(result_path=out / "result.json", epochs=cfg.finetune_epochs, ema=cfg.finetune_ema, seed=cfg.seed,
@@ -129,12 +139,13 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = lambda _msg: Non
     from deploy_kit.verify import verify_exports
 
     out = Path(cfg.out)
-    train_cfg, search_cfg, finetune_cfg, export_cfg, verify_cfg, bench_cfg = _stage_configs(cfg)
+    prune_cfg, (train_cfg, search_cfg, finetune_cfg, export_cfg, verify_cfg, bench_cfg) = _stage_configs(cfg)
     check_run_folder(out, cfg.force)
     outcome = DemoOutcome(out)
+    stages = STAGES if prune_cfg is None else (STAGES[0], "prune", *STAGES[1:])
 
     def stage(name: str, start_note: str, work: Callable, describe: Callable[[object], str]):
-        progress(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name:<8} {start_note}")
+        progress(f"[{stages.index(name) + 1}/{len(stages)}] {name:<8} {start_note}")
         start = time.perf_counter()
         value = work()
         record = StageRecord(name, time.perf_counter() - start, describe(value))
@@ -144,8 +155,16 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] = lambda _msg: Non
 
     outcome.train = stage(
         "train", f"{cfg.model} on {cfg.data}: {cfg.epochs} float + {cfg.qat_epochs} QAT epochs, seed {cfg.seed}",
-        lambda: train_teacher(train_cfg, out, force=cfg.force),
+        lambda: train_teacher(train_cfg, out / UNPRUNED_DIR if prune_cfg else out, force=cfg.force),
         lambda m: f"INT8 teacher test accuracy {m['accuracy']['int8']['test']:.2f}%")
+    if prune_cfg is not None:
+        from deploy_kit.prune import run_prune
+
+        stage("prune", f"{prune_cfg.budget} in {prune_cfg.runtime}, {prune_cfg.episodes} episodes, then KD + QAT",
+              lambda: run_prune(prune_cfg, out, force=cfg.force, say=lambda msg: progress(f"        {msg}")),
+              lambda p: (f"MACs ×{p.meta['pruning']['macs']['ratio']}, measured latency "
+                         f"×{p.meta['pruning']['latency_ms']['measured_ratio']}, INT8 test accuracy "
+                         f"{p.meta['accuracy']['int8']['test']:.2f}%"))
     outcome.search = stage(
         "search", f"PPO, {cfg.episodes} reward evaluations",
         lambda: run_search(out, search_cfg, force=cfg.force, on_evaluation=on_evaluation),

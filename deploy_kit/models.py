@@ -178,11 +178,18 @@ ARCHITECTURES = {"lenet5": lenet5, "nin": nin, "mobilenet_v1": mobilenet_v1, "vg
                  "vgg19": _vgg(VGG19), "alexnet": alexnet}
 
 
-def build_model(arch: str, in_shape: tuple[int, int, int], num_classes: int, width: float = 1.0) -> ZooModel:
-    """A float model of the zoo. `in_shape` is (C, H, W)."""
+def build_model(arch: str, in_shape: tuple[int, int, int], num_classes: int, width: float = 1.0,
+                channels: dict[str, int] | None = None) -> ZooModel:
+    """A float model of the zoo. `in_shape` is (C, H, W). `channels` ({block: output channels},
+    from a pruned teacher's teacher.json) narrows the named blocks after building."""
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown model {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
     if not 0 < width <= 4:
         raise ConfigError(f"--width must be in (0, 4], got {width}")
     features, head, global_pool = ARCHITECTURES[arch](in_shape[0], num_classes, width)
-    return ZooModel(arch, features, head, in_shape, global_pool)
+    model = ZooModel(arch, features, head, in_shape, global_pool)
+    if channels:
+        from deploy_kit.prune.surgery import prune_to  # torch-pruning loads only for pruned models
+
+        prune_to(model, channels, in_shape, keep="first")
+    return model

@@ -424,8 +424,30 @@ def bench_html(files: RunFiles) -> str:
     return "\n".join(out)
 
 
+def pruning_html(files: RunFiles) -> str:
+    """Channels kept per layer and the latency table against the measured export (pruned
+    teachers only; empty otherwise)."""
+    p = files.teacher.meta.get("pruning") if files.teacher is not None else None
+    if not p:
+        return ""
+    lat, table = p["latency_ms"], p.get("latency_table", {})
+    per, per_full = table.get("per_layer_ms", {}), table.get("per_layer_ms_unpruned", {})
+    rows = [[_e(n), _e(full), _e(files.teacher.meta["channels"].get(n)), _cell(per_full.get(n)), _cell(per.get(n))]
+            for n, full in p["channels_full"].items()]
+    facts = [f"budget {_e(p['budget']['text'])} in {_e(p['runtime'])}, method {_e(p['method'])}, "
+             f"{_e(p['episodes'])} episodes, seed {_e(p['seed'])}; MACs ×{_e(p['macs']['ratio'])}",
+             f"measured latency {_e(lat['measured']['pruned'])} ms vs {_e(lat['measured']['unpruned'])} ms unpruned "
+             f"(×{_e(lat['measured_ratio'])}); the table predicted ×{_e(lat['predicted_ratio'])}, error "
+             f"{_e(lat['table_error_pct'].get('pruned'))}% on the pruned model, held-out configurations "
+             f"{_e(table.get('holdout_error_pct'))}%",
+             f"INT8 test accuracy {_e(files.teacher.meta['accuracy']['int8']['test'])}% vs "
+             f"{_e((p['source'].get('accuracy_int8') or {}).get('test'))}% unpruned"]
+    return "\n".join(["<h2>Pruning</h2>", *[f'<p class="meta">{f}</p>' for f in facts],
+                      _table(["layer", "channels", "kept", "table ms (full)", "table ms (kept)"], rows, {1, 2, 3, 4})])
+
+
 def render(files: RunFiles) -> str:
-    body = "\n".join([header_html(files), layers_html(files), search_html(files), finetune_html(files), verify_html(files),
+    body = "\n".join([header_html(files), pruning_html(files), layers_html(files), search_html(files), finetune_html(files), verify_html(files),
                       bench_html(files)])
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>deploykit report: {_e(files.run_dir.name)}</title><style>{STYLE}</style></head>\n"

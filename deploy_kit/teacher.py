@@ -123,7 +123,8 @@ def load_teacher(path: Path, expect_model: str | None = None) -> Teacher:
 def load_qat_weights(meta: dict, weights: Path) -> ZooModel:
     """The frozen QAT model of `meta`'s architecture with `weights` (a teacher's or a fine-tuned
     student's safetensors), in eval and the runtime arithmetic."""
-    model = quant.qat_model(build_model(meta["model"], tuple(meta["input_shape"]), len(meta["classes"]), meta["width"]))
+    model = quant.qat_model(build_model(meta["model"], tuple(meta["input_shape"]), len(meta["classes"]), meta["width"],
+                                        channels=meta.get("channels")))  # a pruned teacher's counts
     try:
         state = load_file(str(weights))
         model.load_state_dict(state, strict=True)

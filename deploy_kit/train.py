@@ -137,8 +137,9 @@ def _one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int):
 
 
 def _run_epochs(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, epochs: int, lr: float,
-                label: str, gen: torch.Generator, device: torch.device) -> None:
-    """Train in place on `device`; the model is back on the CPU afterwards."""
+                label: str, gen: torch.Generator, device: torch.device, loss_fn=None) -> None:
+    """Train in place on `device`; the model is back on the CPU afterwards. `loss_fn(logits, y, x)`
+    replaces the cross-entropy (`deploykit prune` distils with it)."""
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = max(1, epochs * ((len(train) + cfg.batch_size - 1) // cfg.batch_size))
@@ -154,7 +155,7 @@ def _run_epochs(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, ep
                 x = augment(x, gen, cfg.hflip, crop=cfg.crop)
             x, y = x.to(device), y.to(device)
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = loss_fn(logits, y, x) if loss_fn else F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -21,7 +21,7 @@ import click
 from deploy_kit import __version__
 from deploy_kit.errors import DeployKitError
 
-COMMANDS = ("train", "search", "finetune", "export", "verify", "bench", "report", "demo")
+COMMANDS = ("train", "prune", "search", "finetune", "export", "verify", "bench", "report", "demo")
 
 
 class Finite(click.FloatRange):
@@ -128,6 +128,7 @@ def main():
     \b
     Pipeline (each stage reads the previous stage's output folder):
       deploykit train  --model lenet5 --data digits --out runs/x     INT8 QAT teacher
+      deploykit prune  --teacher runs/x --budget latency=0.5 --out runs/p   optional: fewer channels (RL)
       deploykit search --teacher runs/x --out runs/x/result.json      per-layer LUT codes (PPO)
       deploykit finetune --config runs/x/result.json                  student weights trained with the LUTs
       deploykit export --config runs/x/result.json --target all       ONNX, ORT Mobile, TFLite INT8

@@ -33,11 +33,14 @@ from exporters.onnx_to_tf import LUT_FORMS
 @click.option("--bench-repeats", default=100, show_default=True, type=click.IntRange(max=1_000_000), help="Timed batch-1 runs per artifact.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
               help="Seeds training, the search, fine-tuning and the bench inputs.")
+@click.option("--prune", "prune", default=None, metavar="METRIC=F",
+              help="Also run `deploykit prune` after train (e.g. latency=0.5; off by default). The unpruned "
+                   "teacher goes to OUT/unpruned/.")
 @click.option("--force", is_flag=True, help="Replace the outputs of a previous run in --out.")
 @json_option
 @handle_errors
-def command(out, arch, data, width, epochs, qat_epochs, episodes, finetune_epochs, finetune_ema, lut_form, bench_repeats, seed, force,
-            as_json):
+def command(out, arch, data, width, epochs, qat_epochs, episodes, finetune_epochs, finetune_ema, lut_form, bench_repeats, seed,
+            prune, force, as_json):
     """Train → search → finetune → export (all targets) → verify → bench → report, into one run folder.
 
     Prints a line per stage, then the verify and bench tables and the report's path. Exits 1
@@ -49,6 +52,7 @@ def command(out, arch, data, width, epochs, qat_epochs, episodes, finetune_epoch
       deploykit demo
       deploykit demo --out runs/demo-seed1 --seed 1
       deploykit demo --out runs/demo-fast --lut-form saturate
+      deploykit demo --out runs/demo-pruned --model vgg16 --width 0.5 --prune latency=0.5
       deploykit demo --model nin --width 0.25 --data cifar10:~/data/cifar-10-batches-py --out runs/nin
     """
     from tqdm import tqdm
@@ -59,7 +63,7 @@ def command(out, arch, data, width, epochs, qat_epochs, episodes, finetune_epoch
 
     cfg = DemoConfig(out=out, model=arch, data=data, width=width, epochs=epochs, qat_epochs=qat_epochs,
                      episodes=episodes, finetune_epochs=finetune_epochs, finetune_ema=finetune_ema,
-                     lut_form=lut_form, bench_repeats=bench_repeats, seed=seed, force=force)
+                     lut_form=lut_form, bench_repeats=bench_repeats, seed=seed, force=force, prune=prune)
     bar = None
 
     def on_evaluation(ev):

@@ -52,12 +52,14 @@ class PPOConfig:
 
 
 class ActorCritic(nn.Module):
-    """Shared state encoder; four code heads that also see the codes drawn before them; a critic."""
+    """Shared state encoder; categorical heads that also see the actions drawn before them at the
+    same step; a critic. The LUT search uses four 256-way code heads (the default); the channel
+    pruner (deploy_kit/prune/agent.py) one head over keep-ratio bins."""
 
-    def __init__(self, state_dim: int, hidden: int):
+    def __init__(self, state_dim: int, hidden: int, n_heads: int = len(SAMPLE_ORDER), n_actions: int = NUM_CODES):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(state_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
-        self.heads = nn.ModuleList(nn.Linear(hidden + len(SAMPLE_ORDER) - 1, NUM_CODES) for _ in SAMPLE_ORDER)
+        self.heads = nn.ModuleList(nn.Linear(hidden + n_heads - 1, n_actions) for _ in range(n_heads))
         self.critic = nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         for head in self.heads:  # start at the prior: learned logits begin near zero
             nn.init.normal_(head.weight, std=0.01)
@@ -167,18 +169,24 @@ class PPOAgent:
         returns = torch.from_numpy(self.norm(rewards).astype(np.float32)).repeat_interleave(L)
         obs, actions, old_logp = obs.reshape(n * L, -1), actions.reshape(n * L, -1), old_logp.reshape(-1)
         layer = torch.arange(L).repeat(n)
-        for _ in range(self.cfg.epochs):
-            logp, entropy, value = self.evaluate(obs, actions, layer)
-            adv = returns - value.detach()
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-            ratio = torch.exp(logp - old_logp)
-            surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - self.cfg.clip, 1 + self.cfg.clip) * adv)
-            loss = (-surrogate.mean() + self.cfg.value_coef * F.mse_loss(value, returns)
-                    - self.cfg.entropy_coef * entropy.mean())
-            self.opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.max_grad_norm)
-            self.opt.step()
+        clipped_update(self.net, self.opt, self.cfg, returns, old_logp, lambda: self.evaluate(obs, actions, layer))
+
+
+def clipped_update(net: nn.Module, opt: torch.optim.Optimizer, cfg: PPOConfig, returns: torch.Tensor,
+                   old_logp: torch.Tensor, evaluate) -> None:
+    """PPO's clipped-surrogate epochs over one batch of stored steps; `evaluate()` gives the
+    current (log-prob, entropy, value) of those steps. Shared by both action spaces."""
+    for _ in range(cfg.epochs):
+        logp, entropy, value = evaluate()
+        adv = returns - value.detach()
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        ratio = torch.exp(logp - old_logp)
+        surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - cfg.clip, 1 + cfg.clip) * adv)
+        loss = -surrogate.mean() + cfg.value_coef * F.mse_loss(value, returns) - cfg.entropy_coef * entropy.mean()
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+        opt.step()
 
 
 def ppo_search(trace: Trace, states: list[LayerState], space: CodeSpace, cfg: PPOConfig, seed: int) -> None:

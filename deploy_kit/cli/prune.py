@@ -1,0 +1,71 @@
+"""`deploykit prune`: hardware-aware RL channel pruning, distillation and QAT → a new teacher run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from deploy_kit.cli import emit, handle_errors, json_option, say
+from deploy_kit.device import DEVICES
+
+
+@click.command("prune")
+@click.option("--teacher", "teacher", type=click.Path(path_type=Path), required=True,
+              help="Run folder written by `deploykit train` (teacher.json + teacher.safetensors).")
+@click.option("--budget", default="latency=0.5", show_default=True,
+              help="latency=F or macs=F: the pruned model's cost as a fraction F in (0, 1) of the unpruned one's.")
+@click.option("--runtime", default="litert", show_default=True,
+              help="Where latency is measured: litert (TFLite INT8, XNNPACK) or onnxruntime.")
+@click.option("--method", default="ppo", show_default=True,
+              help="ppo (the agent) or l1-uniform (the baseline: one keep ratio for every layer).")
+@click.option("--episodes", default=64, show_default=True, help="Configurations the agent evaluates.")
+@click.option("--alpha", default=1.0, show_default=True, help="Reward weight of the val accuracy change.")
+@click.option("--beta", default=0.0, show_default=True, help="Reward weight of the MACs reduction.")
+@click.option("--gamma", default=0.0, show_default=True, help="Reward weight of the predicted latency reduction.")
+@click.option("--kd-epochs", default=10, show_default=True, help="Distillation epochs (float) from the unpruned teacher.")
+@click.option("--qat-epochs", default=4, show_default=True, help="QAT epochs after distillation.")
+@click.option("--kd-temperature", default=4.0, show_default=True, help="Distillation temperature T.")
+@click.option("--kd-alpha", default=0.7, show_default=True, help="Weight of the KD term (1 − it on the labels' CE).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
+              help="Where distillation and QAT run.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
+              help="Seeds the agent, the BN and timing images, the latency table's configurations and training.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder for the pruned teacher.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
+@json_option
+@handle_errors
+def command(teacher, budget, runtime, method, episodes, alpha, beta, gamma, kd_epochs, qat_epochs, kd_temperature,
+            kd_alpha, device, seed, out, force, as_json):
+    """Remove channels under a latency or MACs budget, then distil and QAT the pruned model.
+
+    An actor-critic agent (the LUT search's PPO) picks a keep ratio per layer under a hard budget,
+    priced by a latency table measured here in the chosen runtime (cached in $DEPLOYKIT_CACHE);
+    channels go by L1 norm (torch-pruning). The output is an ordinary teacher run folder:
+    search, finetune, export, verify and bench take it unchanged.
+
+    \b
+    Example:
+      deploykit prune --teacher runs/vgg16 --budget latency=0.5 --out runs/vgg16-pruned
+      deploykit prune --teacher runs/lenet5 --budget macs=0.5 --out runs/lenet5-pruned
+
+    (LeNet5's LiteRT latency is fixed overhead: a latency budget cannot be reached there.)
+    """
+    from deploy_kit.prune import PruneConfig, run_prune
+    from deploy_kit.prune.distil import DistilConfig
+
+    cfg = PruneConfig(teacher=teacher, budget=budget, runtime=runtime, method=method, episodes=episodes, alpha=alpha,
+                      beta=beta, gamma=gamma, seed=seed, device=device,
+                      distil=DistilConfig(epochs=kd_epochs, qat_epochs=qat_epochs, temperature=kd_temperature,
+                                          alpha=kd_alpha))
+    outcome = run_prune(cfg, out, force=force, say=say)
+    p, acc = outcome.meta["pruning"], outcome.meta["accuracy"]["int8"]
+    lat = p["latency_ms"]
+    full = p["channels_full"]
+    say("channels: " + ", ".join(f"{n} {full[n]}→{c}" for n, c in outcome.meta["channels"].items() if n in full))
+    say(f"MACs {p['macs']['ratio']:.3f}× · {runtime} latency measured {lat['measured']['pruned']:.4f} ms vs "
+        f"{lat['measured']['unpruned']:.4f} ms ({lat['measured_ratio']:.3f}×; table predicted {lat['predicted_ratio']:.3f}×: "
+        f"error {lat['table_error_pct']['ratio']:+.1f}% on the ratio, {lat['table_error_pct']['pruned']:+.1f}% on the ms)")
+    say(f"INT8 accuracy: val {acc['val']:.2f}%  test {acc['test']:.2f}%  (unpruned test {p['source']['accuracy_int8']['test']:.2f}%)")
+    say(f"teacher → {out / 'teacher.json'}   ({', '.join(f'{k} {v:.0f}s' for k, v in outcome.seconds.items())})")
+    emit(outcome.summary())

@@ -1,0 +1,260 @@
+"""The prune stage: hardware-aware channel pruning with an RL agent, then distillation and QAT.
+
+    outcome = run_prune(PruneConfig(teacher=Path("runs/x"), budget="latency=0.5"), Path("runs/x-pruned"))
+
+train run → float model (surgery.float_from_teacher) → latency table in the target runtime
+(latency.py, cached) → PPO over per-layer keep ratios under a hard budget (agent.py), each
+proposal L1-pruned with torch-pruning, BN re-estimated on training images and scored on the
+validation split → the best configuration is distilled from the unpruned teacher and QAT'd
+(distil.py) → its INT8 export is timed against the unpruned one's (the table's error) → an
+ordinary teacher run folder whose teacher.json adds `channels` and `pruning`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from deploy_kit import quant
+from deploy_kit.data import Dataset, load_dataset, normalize
+from deploy_kit.device import check_device_name, resolve_device
+from deploy_kit.errors import ConfigError
+from deploy_kit.fsutil import atomic_path, check_writable
+from deploy_kit.prune import agent as ag
+from deploy_kit.prune.distil import DistilConfig, distil_and_qat
+from deploy_kit.prune.latency import RUNTIMES, TableSpec, export_for_runtime, latency_table, measure
+from deploy_kit.prune.reward import Scorer
+from deploy_kit.prune.surgery import (channel_counts, float_from_teacher, full_channels, layer_infos, macs,
+                                      pruned_copy, reestimate_bn)
+from deploy_kit.search.ppo import PPOConfig
+from deploy_kit.teacher import SIDECAR_NAME, Teacher, load_teacher, save_teacher
+from deploy_kit.train import TrainConfig, torch_threads, versions
+
+METRICS = ("latency", "macs")
+METHODS = ("ppo", "l1-uniform")
+LOG_NAME = "prune_log.jsonl"
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """'latency=0.5' → ('latency', 0.5): the pruned model's cost as a fraction of the unpruned one's."""
+    metric, sep, value = str(text).partition("=")
+    if not sep or metric not in METRICS:
+        raise ConfigError(f"--budget {text!r}: expected METRIC=FRACTION with METRIC one of {', '.join(METRICS)}, "
+                          "e.g. latency=0.5")
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise ConfigError(f"--budget {text!r}: {value!r} is not a number; e.g. latency=0.5") from None
+    if not 0 < ratio < 1:
+        raise ConfigError(f"--budget {text!r}: the fraction must be in (0, 1), got {ratio}")
+    return metric, ratio
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    teacher: Path
+    budget: str = "latency=0.5"
+    runtime: str = "litert"
+    method: str = "ppo"
+    episodes: int = 64
+    # R = α·ΔP − β·ΔC − γ·ΔH (ΔP: val accuracy change as a fraction, ΔC/ΔH: relative MACs/latency
+    # change, ≤ 0). With the hard budget, β = γ = 0 ("budget-only") is the default: see benchmarks/prune.md.
+    alpha: float = 1.0
+    beta: float = 0.0
+    gamma: float = 0.0
+    seed: int = 0
+    bn_images: int = 256  # training images for BN re-estimation (and activation ranges for timing)
+    distil: DistilConfig = field(default_factory=DistilConfig)
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(episodes_per_update=8))
+    table_random: int = 12  # random configurations timed for the latency table's fit
+    device: str = "auto"
+
+    def __post_init__(self):
+        parse_budget(self.budget)
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"unknown --runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.episodes < 1 or self.bn_images < 8 or self.table_random < 4:
+            raise ConfigError(f"need --episodes >= 1, bn_images >= 8, table_random >= 4, got {self.episodes}, "
+                              f"{self.bn_images}, {self.table_random}")
+        if min(self.alpha, self.beta, self.gamma) < 0:
+            raise ConfigError(f"reward weights must be >= 0, got α={self.alpha} β={self.beta} γ={self.gamma}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be in 0..2^63-1, got {self.seed}")
+        check_device_name(self.device)
+
+    @property
+    def metric(self) -> str:
+        return parse_budget(self.budget)[0]
+
+    @property
+    def ratio(self) -> float:
+        return parse_budget(self.budget)[1]
+
+
+@dataclass(frozen=True)
+class PruneOutcome:
+    out: Path
+    meta: dict
+    seconds: dict
+
+    def summary(self) -> dict:
+        p = self.meta["pruning"]
+        return {"teacher": str(self.out / SIDECAR_NAME), "channels": self.meta["channels"], "budget": p["budget"],
+                "latency_ms": p["latency_ms"], "macs": p["macs"], "accuracy": self.meta["accuracy"]["int8"],
+                "accuracy_unpruned": p["source"]["accuracy_int8"], "seconds": self.seconds}
+
+
+def _train_images(ds: Dataset, n: int, seed: int) -> torch.Tensor:
+    train = ds.split("train")
+    pick = np.random.default_rng(seed).permutation(len(train))[:n]
+    return torch.from_numpy(normalize(train.images[pick], ds.norm))
+
+
+def _train_config(teacher: Teacher) -> TrainConfig:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in teacher.meta.get("config", {}).items() if k in known})
+
+
+def run_prune(cfg: PruneConfig, out: Path, force: bool = False, say: Callable[[str], None] = print) -> PruneOutcome:
+    """Prune, distil and QAT `cfg.teacher` into the run folder `out` (teacher.safetensors,
+    teacher.json, prune_log.jsonl, each written atomically, as `train` writes its folder)."""
+    for name in (SIDECAR_NAME, LOG_NAME):  # before any work: nothing is written when one exists
+        check_writable(Path(out) / name, force)
+    teacher = load_teacher(cfg.teacher)
+    device = resolve_device(cfg.device)
+    with torch_threads(1):
+        return _run(cfg, teacher, Path(out), force, device, say)
+
+
+def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say) -> PruneOutcome:
+    clock, seconds = time.perf_counter(), {}
+    torch.manual_seed(cfg.seed)
+    meta = teacher.meta
+    in_shape = tuple(meta["input_shape"])
+    ds = load_dataset(meta["data"], meta["seed"])
+    x_bn = _train_images(ds, cfg.bn_images, cfg.seed)
+    model = float_from_teacher(teacher, x_bn)
+    infos = layer_infos(model, in_shape)
+    image = normalize(ds.split("val").images[:1], ds.norm)
+    if cfg.metric == "macs":  # fails before the (slower) latency table is measured
+        _check_reachable(_space(infos, lambda ch: float(macs(infos, ch)), cfg), cfg, meta["model"])
+    spec = TableSpec(meta["model"], meta["width"], in_shape, cfg.runtime, full_channels(infos), cfg.table_random, seed=cfg.seed)
+    table = latency_table(spec, model, infos, x_bn, image, say)
+    seconds["latency_table"] = round(time.perf_counter() - clock, 1)
+    space = _space(infos, table.predict if cfg.metric == "latency" else (lambda ch: float(macs(infos, ch))), cfg)
+    _check_reachable(space, cfg, meta["model"])
+
+    clock = time.perf_counter()
+    scorer = Scorer(model, infos, table, x_bn, ds.split("val"), ds, cfg)
+    if cfg.method == "ppo":
+        ag.ppo_prune_search(space, _with_progress(scorer, cfg.episodes), cfg.episodes, cfg.ppo, cfg.seed)
+    else:
+        scorer([ag.uniform_config(space)])
+    best = scorer.best()
+    seconds["search"] = round(time.perf_counter() - clock, 1)
+    say(f"chosen: {best['channels']} (val {best['val_acc']}% before distillation, unpruned {scorer.acc0}%)")
+
+    clock = time.perf_counter()
+    student = reestimate_bn(pruned_copy(model, best["channels"], in_shape), x_bn)
+    train_cfg = _train_config(teacher)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    student, acc, run_cfg = distil_and_qat(student, teacher.model, ds.split("train"), ds, train_cfg, cfg.distil, gen, device)
+    seconds["distil_qat"] = round(time.perf_counter() - clock, 1)
+
+    clock = time.perf_counter()
+    timing = _measure_pair(teacher.model, student, in_shape, cfg.runtime, x_bn, image, cfg.seed)
+    seconds["measure"] = round(time.perf_counter() - clock, 1)
+    channels = channel_counts(student)
+    pruning = _pruning_record(cfg, spec, teacher, table, scorer, best, channels, infos, timing, seconds)
+    new_meta = {**{k: v for k, v in meta.items() if k not in ("format", "weights", "weights_sha256")},
+                "seed": meta["seed"], "channels": channels,
+                "input_quant": quant.input_quant(student).to_dict(), "output_quant": quant.output_quant(student).to_dict(),
+                "layers": {n: q.to_dict() for n, q in quant.activation_quant(student).items()},
+                "accuracy": acc, "arithmetic": quant.ARITHMETIC, "config": asdict(run_cfg), "device": str(device),
+                "versions": versions(), "pruning": pruning}
+    new_meta["seconds"] = round(sum(seconds.values()), 2)
+    _write_log(out / LOG_NAME, scorer.records)
+    save_teacher(student, new_meta, out)  # the sidecar last: a folder with it is complete
+    return PruneOutcome(out, {**new_meta}, seconds)
+
+
+def _space(infos, cost, cfg: PruneConfig) -> ag.ChannelSpace:
+    return ag.ChannelSpace(infos, cost, cfg.ratio * cost(full_channels(infos)))
+
+
+def _check_reachable(space: ag.ChannelSpace, cfg: PruneConfig, arch: str) -> None:
+    full = space.cost(space.full)
+    smallest = space.reachable() / full
+    if smallest > cfg.ratio:
+        raise ConfigError(f"--budget {cfg.budget}: {arch} cannot get below {smallest:.3f} of its {cfg.metric} "
+                          f"(every layer at its floor of one channel step); pass a budget >= {np.ceil(smallest * 1000) / 1000:.3f}")
+
+
+def _with_progress(scorer: Scorer, total: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="prune search", unit="episode", leave=False, dynamic_ncols=True)
+
+    def score(configs):
+        rewards = scorer(configs)
+        bar.update(len(configs))
+        bar.set_postfix(best=f"{scorer.best()['val_acc']:.1f}%")
+        if bar.n >= total:
+            bar.close()
+        return rewards
+    return score
+
+
+def _measure_pair(unpruned, pruned, in_shape, runtime: str, x_bn, image, seed: int) -> dict:
+    """Both INT8 teachers exported for `runtime` and timed interleaved (ms)."""
+    with tempfile.TemporaryDirectory(prefix="deploykit-prune-") as tmp:
+        paths = [export_for_runtime(m, in_shape, runtime, Path(tmp), stem, x_bn[:8].numpy())
+                 for m, stem in ((unpruned, "unpruned"), (pruned, "pruned"))]
+        base, ms = measure(paths, runtime, image, rounds=21, seed=seed)
+    return {"unpruned": base, "pruned": ms}
+
+
+def _pruning_record(cfg, spec, teacher, table, scorer, best, channels, infos, timing, seconds) -> dict:
+    full = full_channels(infos)
+    kept = {n: channels[n] for n in full}
+    predicted = {"unpruned": round(table.predict(full), 5), "pruned": round(table.predict(kept), 5)}
+    err = {k: round(100 * (predicted[k] - timing[k]) / timing[k], 2) for k in timing}
+    ratio = {"measured": timing["pruned"] / timing["unpruned"], "predicted": predicted["pruned"] / predicted["unpruned"]}
+    # The table was timed in another session than this check: a shared machine's load moves every
+    # absolute figure alike, so the error of the ratio (same session) is the table's own error.
+    err["ratio"] = round(100 * (ratio["predicted"] - ratio["measured"]) / ratio["measured"], 2)
+    return {
+        "method": cfg.method, "budget": {"metric": cfg.metric, "ratio": cfg.ratio, "text": cfg.budget},
+        "runtime": cfg.runtime, "seed": cfg.seed, "episodes": len(scorer.records),
+        "reward": {"alpha": cfg.alpha, "beta": cfg.beta, "gamma": cfg.gamma, "split": "val",
+                   "bn_images": cfg.bn_images, "val_acc_unpruned": scorer.acc0, "chosen": best},
+        "channels_full": full, "ppo": cfg.ppo.to_dict(), "distil": cfg.distil.to_dict(),
+        "latency_ms": {"measured": timing, "predicted": predicted, "table_error_pct": err,
+                       "measured_ratio": round(ratio["measured"], 4), "predicted_ratio": round(ratio["predicted"], 4),
+                       "threads": 1, "batch": 1},
+        "latency_table": {"cache": spec.cache_path().name, "method": table.record.get("method"),
+                          "holdout_error_pct": table.record.get("holdout_error_pct"),
+            "per_layer_ms": table.per_layer(kept), "per_layer_ms_unpruned": table.per_layer(full),
+            "versions": table.record.get("versions")},
+        "macs": {"pruned": macs(infos, kept), "unpruned": macs(infos, full),
+                 "ratio": round(macs(infos, kept) / macs(infos, full), 4)},
+        "source": {"path": str(Path(teacher.weights_path).parent.resolve()), "sha256": teacher.sha256,
+                   "channels": full, "accuracy_int8": teacher.meta.get("accuracy", {}).get("int8")},
+        "stage_seconds": dict(seconds),
+    }
+
+
+def _write_log(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))

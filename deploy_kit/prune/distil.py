@@ -1,0 +1,69 @@
+"""Restore the pruned float model from the unpruned teacher (Hinton KD), then QAT as `train` does.
+
+    loss = α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − α)·CE(student, y)
+
+The teacher is the unpruned INT8 teacher itself (frozen, in the runtime arithmetic), fed the same
+augmented batch as the student. QAT then runs exactly the train stage's recipe (fold BN, fake
+quant, cross-entropy epochs, freeze), so the result is a teacher like any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from deploy_kit import quant
+from deploy_kit.data import Dataset
+from deploy_kit.errors import ConfigError
+from deploy_kit.models import ZooModel
+from deploy_kit.train import TrainConfig, _evaluate, _run_epochs
+
+
+@dataclass(frozen=True)
+class DistilConfig:
+    epochs: int = 10
+    qat_epochs: int = 4
+    lr: float = 1e-3
+    qat_lr: float = 2e-4
+    temperature: float = 4.0
+    alpha: float = 0.7  # weight of the KD term; 1 − alpha on the cross-entropy with the labels
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.qat_epochs < 1 or self.lr <= 0 or self.qat_lr <= 0:
+            raise ConfigError(f"need --kd-epochs >= 0, --qat-epochs >= 1 and positive learning rates, got {asdict(self)}")
+        if self.temperature <= 0 or not 0 <= self.alpha <= 1:
+            raise ConfigError(f"need --kd-temperature > 0 and --kd-alpha in [0, 1], got {self.temperature}, {self.alpha}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kd_loss(teacher: ZooModel, cfg: DistilConfig):
+    """loss_fn(logits, y, x) for train._run_epochs."""
+    teacher.eval()
+    t = cfg.temperature
+
+    def loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = F.softmax(teacher(x.cpu()).to(logits.device) / t, dim=1)
+        kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * t * t
+        return cfg.alpha * kd + (1 - cfg.alpha) * F.cross_entropy(logits, y)
+    return loss
+
+
+def distil_and_qat(student: ZooModel, teacher: ZooModel, train, ds: Dataset, train_cfg: TrainConfig,
+                   cfg: DistilConfig, gen: torch.Generator, device: torch.device) -> tuple[ZooModel, dict, TrainConfig]:
+    """Distil the pruned float `student` in place, then QAT; returns the frozen QAT model and the
+    accuracies (float after KD, fake-quant, int8) on val and test, as `train` records them, and
+    the train config the epochs ran with."""
+    run_cfg = replace(train_cfg, epochs=cfg.epochs, qat_epochs=cfg.qat_epochs, lr=cfg.lr, qat_lr=cfg.qat_lr)
+    _run_epochs(student, train, ds, run_cfg, cfg.epochs, cfg.lr, "distil", gen, device, kd_loss(teacher, cfg))
+    acc_float = _evaluate(student, ds)
+    quant.prepare_qat(quant.fold_batchnorm(student))
+    _run_epochs(student, train, ds, run_cfg, cfg.qat_epochs, cfg.qat_lr, "qat", gen, device)
+    quant.freeze(student)
+    acc_fq = _evaluate(student, ds)
+    acc_int8 = _evaluate(quant.convert_int8(student, train_cfg.backend), ds)
+    return student, {"float": acc_float, "fake_quant": acc_fq, "int8": acc_int8}, run_cfg

@@ -1,0 +1,243 @@
+"""`deploykit prune`: surgery, the agent's hard budget, the latency cache, bad input, and a pruned
+teacher going through search → export → verify unchanged (real torch-pruning, real LiteRT)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from deploy_kit.cli import main
+from deploy_kit.data import load_dataset, normalize
+from deploy_kit.errors import ConfigError
+from deploy_kit.models import build_model
+from deploy_kit.prune import PruneConfig, parse_budget, run_prune
+from deploy_kit.prune import agent as ag
+from deploy_kit.prune import latency as lt
+from deploy_kit.prune import surgery as sg
+from deploy_kit.prune.distil import DistilConfig
+from deploy_kit.search.ppo import PPOConfig
+from deploy_kit.teacher import load_teacher
+from deploy_kit.train import accuracy, predict
+
+SHAPE = (1, 32, 32)
+FAST = ["--episodes", "4", "--kd-epochs", "1", "--qat-epochs", "1"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["prune", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", 0)
+
+
+@pytest.fixture(scope="module")
+def float_lenet(lenet_teacher, digits):
+    x = torch.from_numpy(normalize(digits.split("train").images[:256], digits.norm))
+    return sg.float_from_teacher(load_teacher(lenet_teacher), x), x
+
+
+# ----------------------------------------------------------------------------- surgery
+
+def test_float_model_from_the_qat_teacher_predicts_like_it(lenet_teacher, float_lenet, digits):
+    teacher, (model, _) = load_teacher(lenet_teacher), float_lenet
+    val = digits.split("val")
+    agree = (predict(model, val, digits).argmax(1) == predict(teacher.model, val, digits).argmax(1)).mean()
+    assert agree > 0.95  # float weights vs the INT8 arithmetic: a few boundary images may differ
+    assert any(isinstance(b.bn, torch.nn.BatchNorm2d) for b in model.blocks().values())
+
+
+def test_pruning_removes_channels_physically_and_keeps_the_largest_l1(float_lenet):
+    model, _ = float_lenet
+    w = model.blocks()["conv2"].op.weight.detach().clone()
+    pruned = sg.pruned_copy(model, {"conv2": 8, "fc1": 64}, SHAPE)
+    counts = sg.channel_counts(pruned)
+    assert counts["conv2"] == 8 and counts["fc1"] == 64 and counts["conv1"] == 6
+    assert pruned.blocks()["conv2"].bn.num_features == 8
+    assert pruned.blocks()["fc1"].op.in_features == 8 * 25  # through Flatten
+    strongest = w.abs().flatten(1).sum(1).argsort(descending=True)[:8].sort().values
+    assert torch.equal(pruned.blocks()["conv2"].op.weight, w[strongest])
+    assert pruned(torch.zeros(2, *SHAPE)).shape == (2, 10)
+
+
+def test_bn_reestimation_repairs_a_pruned_model(float_lenet, digits):
+    model, x = float_lenet
+    val = digits.split("val")
+    pruned = sg.pruned_copy(model, {"conv1": 4, "conv2": 8}, SHAPE)
+    before = accuracy(predict(pruned, val, digits), val.labels)
+    after = accuracy(predict(sg.reestimate_bn(pruned, x), val, digits), val.labels)
+    assert after >= before - 1.0
+
+
+def test_build_model_takes_channel_counts(float_lenet):
+    model, _ = float_lenet
+    pruned = sg.pruned_copy(model, {"conv1": 4, "fc2": 40}, SHAPE)
+    built = build_model("lenet5", SHAPE, 10, channels=sg.channel_counts(pruned))
+    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in pruned.state_dict().items()}
+    with pytest.raises(ConfigError, match="unknown layer"):
+        build_model("lenet5", SHAPE, 10, channels={"conv9": 4})
+
+
+def test_macs_follow_the_channel_counts(float_lenet):
+    model, _ = float_lenet
+    infos = sg.layer_infos(model, SHAPE)
+    full = sg.full_channels(infos)
+    assert list(full) == ["conv1", "conv2", "fc1", "fc2"]  # the last layer keeps its classes
+    conv2 = infos["conv2"]
+    assert sg.macs(infos, {**full, "conv1": 3}) == sg.macs(infos, full) - 3 * 784 * 25 - 3 * 16 * 25 * 100
+    assert conv2.macs(6, 16) == 6 * 16 * 25 * 100
+
+
+@pytest.mark.parametrize("arch", ["nin", "mobilenet_v1", "vgg16", "alexnet"])
+def test_torch_pruning_handles_the_zoo(arch):
+    """Depthwise groups (MobileNet), NiN's fixed class maps, VGG and AlexNet heads: the pruned model
+    runs, has the asked counts, matches the MACs computed from the counts, and a model built from
+    the counts has the same shapes (how a pruned teacher is loaded)."""
+    shape = (3, 32, 32)
+    model = build_model(arch, shape, 10, 0.25).eval()
+    infos = sg.layer_infos(model, shape)
+    rng = np.random.default_rng(0)
+    want = {n: lt.round_channels(c, float(rng.uniform(0.1, 1))) for n, c in sg.full_channels(infos).items()}
+    pruned = sg.pruned_copy(model, want, shape)
+    assert pruned(torch.zeros(2, *shape)).shape == (2, 10)
+    assert {n: sg.channel_counts(pruned)[n] for n in want} == want
+    own = sg.layer_infos(pruned, shape)
+    assert sg.macs(own, sg.full_channels(own)) == sg.macs(infos, want)
+    built = build_model(arch, shape, 10, 0.25, channels=sg.channel_counts(pruned))
+    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in pruned.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- the agent
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6])
+def test_every_episode_meets_the_budget(float_lenet, ratio):
+    model, _ = float_lenet
+    infos = sg.layer_infos(model, SHAPE)
+    cost = lambda ch: float(sg.macs(infos, ch))  # noqa: E731
+    space = ag.ChannelSpace(infos, cost, ratio * cost(sg.full_channels(infos)))
+    agent = ag.PruneAgent(space, PPOConfig(episodes_per_update=8), seed=0)
+    _, actions, masks, _, chosen = agent.act(8)
+    assert all(cost(c) <= space.budget for c in chosen)
+    assert masks.gather(2, actions[..., None]).all()  # every action was legal when drawn
+    assert len({tuple(c.values()) for c in chosen}) > 1
+    for c in chosen:
+        for name, n in c.items():
+            full = space.full[name]
+            assert n == full or n % lt.channel_step(full) == 0
+
+
+def test_same_seed_same_episodes(float_lenet):
+    model, _ = float_lenet
+    infos = sg.layer_infos(model, SHAPE)
+    cost = lambda ch: float(sg.macs(infos, ch))  # noqa: E731
+    space = ag.ChannelSpace(infos, cost, 0.5 * cost(sg.full_channels(infos)))
+    a = ag.PruneAgent(space, PPOConfig(), seed=3).act(4)[-1]
+    b = ag.PruneAgent(space, PPOConfig(), seed=3).act(4)[-1]
+    assert a == b
+
+
+def test_search_starts_from_the_l1_uniform_configuration(float_lenet):
+    model, _ = float_lenet
+    infos = sg.layer_infos(model, SHAPE)
+    cost = lambda ch: float(sg.macs(infos, ch))  # noqa: E731
+    space = ag.ChannelSpace(infos, cost, 0.5 * cost(sg.full_channels(infos)))
+    seen = []
+    ag.ppo_prune_search(space, lambda configs: seen.extend(configs) or [0.0] * len(configs), 5, PPOConfig(), seed=0)
+    uniform = ag.uniform_config(space)
+    assert len(seen) == 5 and seen[0] == uniform and cost(uniform) <= space.budget
+    bigger = {n: lt.round_channels(space.full[n], ag.uniform_ratio(space) + 1 / 64) for n in uniform}
+    assert bigger == uniform or cost(bigger) > space.budget  # the largest uniform ratio within budget
+
+
+def test_channel_rounding():
+    assert lt.round_channels(84, 1.0) == 84 and lt.round_channels(84, 0.5) == 40
+    assert lt.round_channels(6, 0.1) == 4 and lt.round_channels(128, 0.01) == 8
+
+
+# ----------------------------------------------------------------------------- latency cache
+
+def test_cache_from_other_library_versions_is_rebuilt_and_said(float_lenet, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEPLOYKIT_CACHE", str(tmp_path))
+    model, _ = float_lenet
+    infos = sg.layer_infos(model, SHAPE)
+    spec = lt.TableSpec("lenet5", 1.0, SHAPE, "litert", sg.full_channels(infos))
+    spec.cache_path().parent.mkdir(parents=True)
+    versions = {**lt.library_versions(), "ai-edge-litert": "0.0.1"}
+    spec.cache_path().write_text(json.dumps({"format": lt.CACHE_FORMAT, "versions": versions, "t0": 1, "k": {}, "m": 0}))
+    table, why = lt.load_cached(spec, infos)
+    assert table is None and "other library versions" in why and "ai-edge-litert 0.0.1" in why
+    spec.cache_path().write_text(json.dumps({"format": lt.CACHE_FORMAT, "versions": lt.library_versions(),
+                                             "t0": 0.5, "k": {}, "m": 0.0}))
+    table, why = lt.load_cached(spec, infos)
+    assert why is None and table.predict(sg.full_channels(infos)) == 0.5
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("budget, expected", [
+    ("latency=1.5", "must be in (0, 1)"), ("latency=0", "must be in (0, 1)"),
+    ("speed=0.5", "METRIC=FRACTION"), ("latency=abc", "is not a number"), ("macs=0.01", "cannot get below"),
+])
+def test_bad_budget_exits_2_and_writes_nothing(lenet_teacher, tmp_path, budget, expected):
+    r = invoke("--teacher", lenet_teacher, "--budget", budget, "--out", tmp_path / "p", *FAST)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and expected in r.stderr
+    assert not (tmp_path / "p").exists() and "Traceback" not in r.output
+
+
+def test_unknown_runtime_and_existing_output(lenet_teacher, tmp_path):
+    r = invoke("--teacher", lenet_teacher, "--runtime", "coreml", "--out", tmp_path / "p", *FAST)
+    assert r.exit_code == 2 and "unknown --runtime 'coreml'" in r.stderr
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "teacher.json").write_text("{}")
+    r = invoke("--teacher", lenet_teacher, "--out", tmp_path / "p", *FAST)
+    assert r.exit_code == 2 and "already exists; pass --force" in r.stderr
+    assert [f.name for f in (tmp_path / "p").iterdir()] == ["teacher.json"]
+    assert (tmp_path / "p" / "teacher.json").read_text() == "{}"
+    with pytest.raises(ConfigError):
+        PruneConfig(teacher=lenet_teacher, alpha=-1)
+    assert parse_budget("macs=0.25") == ("macs", 0.25)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_path):
+    """prune (real LiteRT latency table) → search → export (ONNX, TFLite) → verify, unchanged."""
+    from deploy_kit.export import ExportConfig, export
+    from deploy_kit.search import SearchConfig, run_search
+    from deploy_kit.verify import VerifyConfig, verify_exports
+
+    out = tmp_path / "pruned"
+    cfg = PruneConfig(teacher=lenet_teacher, budget="macs=0.5", episodes=8, table_random=4,
+                      distil=DistilConfig(epochs=1, qat_epochs=1))
+    summary = run_prune(cfg, out).summary()
+    meta = json.loads((out / "teacher.json").read_text())
+    p = meta["pruning"]
+    assert p["macs"]["ratio"] <= 0.5 and summary["channels"] == meta["channels"]
+    assert sum(meta["channels"].values()) < sum(p["channels_full"].values()) + 10
+    assert p["latency_ms"]["measured"]["pruned"] > 0 and p["latency_table"]["holdout_error_pct"]
+    assert p["seed"] == 0 and p["budget"] == {"metric": "macs", "ratio": 0.5, "text": "macs=0.5"}
+    log = [json.loads(line) for line in (out / "prune_log.jsonl").read_text().splitlines()]
+    assert len(log) == 8 and all(e["macs_ratio"] <= 0.5 for e in log)
+
+    teacher = load_teacher(out)  # builds the model from the recorded counts
+    assert sg.channel_counts(teacher.model) == meta["channels"]
+    outcome = run_search(out, SearchConfig(method="random", episodes=4, seed=0))
+    export(ExportConfig(result_path=outcome.path, targets=("onnx", "tflite")))
+    # the exports must reproduce the student; how much the LUT costs this 1-epoch model is not the point
+    report = verify_exports(VerifyConfig(exports=out / "exports", max_drop=100.0), progress=False)
+    assert report.passed, report.rows
+
+
+def test_demo_checks_the_prune_budget_before_any_work(tmp_path):
+    from deploy_kit.demo import DemoConfig, run_demo
+
+    with pytest.raises(ConfigError, match="must be in"):
+        run_demo(DemoConfig(out=tmp_path / "demo", prune="latency=2"))
+    assert not (tmp_path / "demo").exists()
