@@ -102,6 +102,8 @@ class TeacherSidecar(Record):
     accuracy: dict[str, dict[str, Finite | None]] = Field(default_factory=dict)
     weights: InsidePath = "teacher.safetensors"
     weights_sha256: SHA256
+    # a pruned teacher (`deploykit prune`): output channels per block
+    channels: dict[Name, Annotated[StrictInt, Field(ge=1, le=65536)]] | None = None
 
     @model_validator(mode="after")
     def _channels(self):
