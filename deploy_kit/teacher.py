@@ -19,7 +19,7 @@ from deploy_kit.data import Normalization
 from deploy_kit.errors import CheckpointError
 from deploy_kit.fsutil import atomic_path, read_json, sha256_file, write_json
 from deploy_kit.lut import ActivationQuant, LayerLUT, LUTActivation
-from deploy_kit.models import ZooModel, build_model
+from deploy_kit.models import CHANGED_IN, ZOO_VERSION, ZooModel, build_model
 
 FORMAT = "deploykit-teacher/1"
 WEIGHTS_NAME, SIDECAR_NAME = "teacher.safetensors", "teacher.json"
@@ -75,7 +75,7 @@ def save_teacher(model: ZooModel, meta: dict, out_dir: Path) -> Path:
     weights = out_dir / WEIGHTS_NAME
     with atomic_path(weights) as tmp:
         save_file(state_dict_for_save(model), str(tmp))
-    meta = {"format": FORMAT, **meta, "weights": WEIGHTS_NAME, "weights_sha256": sha256_file(weights)}
+    meta = {"format": FORMAT, "zoo": ZOO_VERSION, **meta, "weights": WEIGHTS_NAME, "weights_sha256": sha256_file(weights)}
     write_json(out_dir / SIDECAR_NAME, meta)
     return out_dir / SIDECAR_NAME
 
@@ -104,6 +104,7 @@ def load_teacher(path: Path, expect_model: str | None = None) -> Teacher:
     if expect_model and meta["model"] != expect_model:
         raise CheckpointError(f"{sidecar}: the teacher is a {meta['model']}, but {expect_model} was asked for; "
                               "pass the checkpoint of the same model")
+    _check_zoo_version(sidecar, meta)
     weights = sidecar.with_name(meta.get("weights", WEIGHTS_NAME))
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the sidecar {sidecar} needs it")
@@ -112,10 +113,19 @@ def load_teacher(path: Path, expect_model: str | None = None) -> Teacher:
     return Teacher(load_qat_weights(meta, weights), meta, weights)
 
 
+def _check_zoo_version(sidecar: Path, meta: dict) -> None:
+    written, (needed, what) = meta.get("zoo", 1), CHANGED_IN.get(meta["model"], (1, ""))
+    if written < needed:
+        raise CheckpointError(f"{sidecar}: this {meta['model']} was trained with zoo version {written}, and the zoo's "
+                              f"{meta['model']} changed in version {needed} ({what}, as in the research system); its "
+                              f"weights do not fit — re-run `deploykit train`")
+
+
 def load_qat_weights(meta: dict, weights: Path) -> ZooModel:
     """The frozen QAT model of `meta`'s architecture with `weights` (a teacher's or a fine-tuned
     student's safetensors), in eval and the runtime arithmetic."""
-    model = quant.qat_model(build_model(meta["model"], tuple(meta["input_shape"]), len(meta["classes"]), meta["width"]))
+    ranges = quant.CodeRanges.from_dict(meta.get("quantization"))
+    model = quant.qat_model(build_model(meta["model"], tuple(meta["input_shape"]), len(meta["classes"]), meta["width"]), ranges)
     try:
         state = load_file(str(weights))
         model.load_state_dict(state, strict=True)

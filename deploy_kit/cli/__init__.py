@@ -20,7 +20,7 @@ import click
 from deploy_kit import __version__
 from deploy_kit.errors import DeployKitError
 
-COMMANDS = ("train", "search", "finetune", "export", "verify", "bench", "report", "demo")
+COMMANDS = ("train", "import_research", "search", "finetune", "export", "verify", "bench", "report", "demo")
 
 
 def quiet_third_party() -> None:
