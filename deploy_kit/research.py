@@ -25,6 +25,7 @@ which feeds float pixels to conv1.
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,10 @@ class ImportConfig:
     backend: str = "fbgemm"
     force: bool = False
     seed: int = 0
+    # TFLite's int8 weights are symmetric −127..127 by spec: its converter re-derives a channel's
+    # scale as max|w|/127 and so moves every fbgemm channel that holds a −128 code (measured:
+    # 3 of LeNet5's 5 layers, scale 1/127 off). `narrow` moves those codes to −127 at import.
+    narrow_weights: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "model", canonical_model(self.model))
@@ -191,6 +196,8 @@ def import_research(cfg: ImportConfig) -> dict:
     if ds.input_shape[0] == 3:
         ds = Dataset(ds.spec, ds.classes, ds.splits, RESEARCH_NORM)
     ranges = BACKEND_RANGES[cfg.backend]
+    if cfg.narrow_weights:
+        ranges = dataclasses.replace(ranges, weight=(-127, 127))
     model = quant.qat_model(build_model(cfg.model, ds.input_shape, len(ds.classes), 1.0), ranges)
     mapped = map_state_dict(sd, model)
     try:
@@ -216,7 +223,8 @@ def import_research(cfg: ImportConfig) -> dict:
         "arithmetic": quant.ARITHMETIC,
         "source": {"research_checkpoint": str(cfg.checkpoint), "sha256": sha256_file(cfg.checkpoint),
                    "input_quant": "checkpoint" if any(k.startswith("quant.") for k in mapped) else "calibrated"},
-        "config": {"model": cfg.model, "data": cfg.data, "backend": cfg.backend, "seed": cfg.seed},
+        "config": {"model": cfg.model, "data": cfg.data, "backend": cfg.backend, "seed": cfg.seed,
+                   "narrow_weights": cfg.narrow_weights},
         "versions": versions(),
     }
     save_teacher(model, meta, Path(cfg.out))

@@ -21,10 +21,13 @@ from deploy_kit.models import ARCHITECTURES, MODEL_ALIASES
               help="The engine it was trained for: fbgemm/x86 = activation codes 0..127, qnnpack = 0..255.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
               help="Seeds the validation split (as in `train`).")
+@click.option("--narrow-weights", is_flag=True,
+              help="Move fbgemm's -128 weight codes to -127 (TFLite's int8 weight spec), so the TFLite export "
+                   "is bit-exact too; without it ONNX/ORT are exact and TFLite rescales those channels.")
 @click.option("--force", is_flag=True, help="Overwrite an existing teacher in --out.")
 @json_option
 @handle_errors
-def command(checkpoint, arch, data, out, backend, seed, force, as_json):
+def command(checkpoint, arch, data, out, backend, seed, narrow_weights, force, as_json):
     """Bring a research-system checkpoint in as an ordinary teacher, keeping its quantization.
 
     Reads the state_dict with torch.load(weights_only=True) only, maps its layer names, folds its
@@ -40,7 +43,7 @@ def command(checkpoint, arch, data, out, backend, seed, force, as_json):
     from deploy_kit.research import ImportConfig, import_research
 
     meta = import_research(ImportConfig(checkpoint=checkpoint, model=arch, data=data, out=out, backend=backend,
-                                        force=force, seed=seed))
+                                        force=force, seed=seed, narrow_weights=narrow_weights))
     acc, q = meta["accuracy"], meta["quantization"]
     say(f"{meta['model']} from {checkpoint}: activations {q['activation'][0]}..{q['activation'][1]}, "
         f"weights {q['weight'][0]}..{q['weight'][1]}, input quantizer from the {meta['source']['input_quant']}")
