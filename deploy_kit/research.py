@@ -198,6 +198,9 @@ def import_research(cfg: ImportConfig) -> dict:
     ranges = BACKEND_RANGES[cfg.backend]
     if cfg.narrow_weights:
         ranges = dataclasses.replace(ranges, weight=(-127, 127))
+    has_input_quant = any(k.startswith("quant.") for k in sd)
+    if not has_input_quant:  # calibrated here: the finest grid, closest to the float input it replaces
+        ranges = dataclasses.replace(ranges, input=(0, 255))
     model = quant.qat_model(build_model(cfg.model, ds.input_shape, len(ds.classes), 1.0), ranges)
     mapped = map_state_dict(sd, model)
     try:
@@ -207,7 +210,7 @@ def import_research(cfg: ImportConfig) -> dict:
     missing = [k for k in model.state_dict() if k not in mapped and not k.startswith("quant.")]
     if missing:
         raise CheckpointError(f"{cfg.checkpoint}: the checkpoint lacks {missing[0]} of deploykit's {cfg.model}; is --model right?")
-    if not any(k.startswith("quant.") for k in mapped):
+    if not has_input_quant:
         _calibrate_input(model, ds, cfg.seed)
     quant.disable_observers(model)
     model.eval()
@@ -222,7 +225,7 @@ def import_research(cfg: ImportConfig) -> dict:
         "accuracy": {"fake_quant": _plain_fake_quant_accuracy(model, ds), "int8": acc_runtime},
         "arithmetic": quant.ARITHMETIC,
         "source": {"research_checkpoint": str(cfg.checkpoint), "sha256": sha256_file(cfg.checkpoint),
-                   "input_quant": "checkpoint" if any(k.startswith("quant.") for k in mapped) else "calibrated"},
+                   "input_quant": "checkpoint" if has_input_quant else "calibrated"},
         "config": {"model": cfg.model, "data": cfg.data, "backend": cfg.backend, "seed": cfg.seed,
                    "narrow_weights": cfg.narrow_weights},
         "versions": versions(),
