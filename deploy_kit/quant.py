@@ -358,7 +358,9 @@ def input_quant(model: ZooModel) -> ActivationQuant:
 
 
 def output_quant(model: ZooModel) -> ActivationQuant:
-    last = list(model.classifier.children())[-1]
+    """The logits' grid: the last block's (NiN's logits are the average of cccp6's map, which
+    GridAveragePool keeps on that grid)."""
+    last = list(model.blocks().values())[-1]
     return _as_quant(_fake_quant_of(last.op))
 
 

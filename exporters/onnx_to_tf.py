@@ -537,6 +537,10 @@ def _pool(node: Node, x, fn):
         raise ExportError(f"node {node.name} ({node.op}): ceil_mode=1 is not supported")
     kernel, strides = _window(node)
     padding = _pads(node, x, kernel, strides)
+    if isinstance(padding, list) and node.op == "MaxPool":
+        # Every zoo max pool reads a ReLU'd or LUT'd tensor (values >= 0), so zero padding (the
+        # zero point, in int8) never wins a max: the same as ONNX's -inf padding (NiN: 3×3/2, pad 1).
+        x, padding = _tf().pad(x, padding), "VALID"
     if isinstance(padding, list):
         raise ExportError(f"node {node.name} ({node.op}): pads {node.attrs['pads']} are not supported")
     return fn(x, kernel, strides, padding)
