@@ -186,3 +186,21 @@ def test_a_teacher_of_a_changed_architecture_is_refused(imported, tmp_path):
     (run / "teacher.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="zoo version 1.*alexnet changed in version 2"):
         load_teacher(run)
+
+
+@pytest.mark.slow
+def test_narrow_weights_make_the_tflite_export_bit_exact(research_ckpt, tmp_path):
+    """TFLite re-derives int8 weight scales as max|w|/127; with fbgemm's −128 codes moved to −127
+    at import, LiteRT reproduces the student's logits exactly on a 0..127 teacher."""
+    from deploy_kit.export import ExportConfig, export
+    from deploy_kit.verify import VerifyConfig, verify_exports
+
+    run = tmp_path / "run"
+    import_research(ImportConfig(checkpoint=research_ckpt[0], model="lenet5", data="digits", out=run, narrow_weights=True))
+    teacher = load_teacher(run)
+    assert teacher.meta["quantization"]["weight"] == [-127, 127]
+    (run / "result.json").write_text(json.dumps(_research_result(teacher, model="lenet5")))
+    export(ExportConfig(result_path=run / "result.json", teacher_path=run, targets=("tflite",), out=run / "exports"))
+    report = verify_exports(VerifyConfig(exports=run / "exports", max_drop=100.0, min_agreement=100.0), progress=False)
+    rows = [r for r in report.rows if r.checked and r.runtime == "litert"]
+    assert len(rows) == 2 and all(r.max_abs_logit_diff == 0.0 for r in rows)
