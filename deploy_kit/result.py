@@ -29,7 +29,7 @@ class SearchResult:
     model: str | None  # None: the research system's supervised format, which names no model
     layers: dict[str, LayerLUT]
     quant: dict[str, ActivationQuant] = field(default_factory=dict)  # empty for research-format files
-    backend: str | None = "fbgemm"
+    backend: str | None = None
     selection: str = ""
     metrics: dict = field(default_factory=dict)
     teacher: dict = field(default_factory=dict)  # {"path": ..., "sha256": ...}
@@ -111,7 +111,7 @@ def parse_result(obj, where: str = "result.json") -> SearchResult:
     model = obj.get("model")
     if model is not None and not isinstance(model, str):
         raise _fail(where, f"\"model\" must be the architecture name (e.g. \"lenet5\"), got {model!r}")
-    backend = obj.get("backend", "fbgemm" if model is not None else None)
+    backend = obj.get("backend")  # absent: nothing to check it against
     if backend is not None and backend not in BACKEND_QMAX:
         raise _fail(where, f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_QMAX)} "
                            "(the quantized engine the codes were searched on)")

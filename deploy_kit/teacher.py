@@ -104,7 +104,6 @@ def load_teacher(path: Path, expect_model: str | None = None) -> Teacher:
     if expect_model and meta["model"] != expect_model:
         raise CheckpointError(f"{sidecar}: the teacher is a {meta['model']}, but {expect_model} was asked for; "
                               "pass the checkpoint of the same model")
-    _check_zoo_version(sidecar, meta)
     weights = sidecar.with_name(meta.get("weights", WEIGHTS_NAME))
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing; the sidecar {sidecar} needs it")
@@ -113,12 +112,15 @@ def load_teacher(path: Path, expect_model: str | None = None) -> Teacher:
     return Teacher(load_qat_weights(meta, weights), meta, weights)
 
 
-def _check_zoo_version(sidecar: Path, meta: dict) -> None:
+def _zoo_version_error(weights: Path, meta: dict) -> CheckpointError | None:
+    """Why weights that do not fit were refused, when the sidecar predates a change of its model.
+    (Sidecars without `zoo` whose weights fit — trained after the change — load as usual.)"""
     written, (needed, what) = meta.get("zoo", 1), CHANGED_IN.get(meta["model"], (1, ""))
-    if written < needed:
-        raise CheckpointError(f"{sidecar}: this {meta['model']} was trained with zoo version {written}, and the zoo's "
-                              f"{meta['model']} changed in version {needed} ({what}, as in the research system); its "
-                              f"weights do not fit — re-run `deploykit train`")
+    if written >= needed:
+        return None
+    return CheckpointError(f"{weights}: this {meta['model']} was trained with zoo version {written}, and the zoo's "
+                           f"{meta['model']} changed in version {needed} ({what}, as in the research system); its "
+                           f"weights do not fit — re-run `deploykit train`")
 
 
 def load_qat_weights(meta: dict, weights: Path) -> ZooModel:
@@ -130,6 +132,8 @@ def load_qat_weights(meta: dict, weights: Path) -> ZooModel:
         state = load_file(str(weights))
         model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
+        if isinstance(exc, RuntimeError) and (why := _zoo_version_error(weights, meta)):
+            raise why from None
         first = str(exc).strip().splitlines()[0][:200]
         raise CheckpointError(f"{weights} does not fit a {meta['model']} (width {meta['width']}): {first}") from None
     quant.disable_observers(model)
