@@ -131,6 +131,34 @@ def _block_state(sd: dict, p: str, target: str, used: set) -> dict[str, torch.Te
     return out
 
 
+def symmetric_weights(mapped: dict, weight_range: tuple[int, int]) -> dict[str, int]:
+    """Make every weight quantizer symmetric (zero point 0), in place; returns {layer: channels changed}.
+
+    torch's fused fbgemm weight fake-quant left some channels whose weights all share one sign on
+    an affine grid (zero point 127 or −128; measured on MobileNetV1's depthwise layers), which no
+    int8 runtime's per-channel weights can hold. Those channels keep the research model's
+    fake-quantized weights, re-quantized on the symmetric grid its observer would have chosen:
+    scale max|w| / ((qmax − qmin) / 2), zero point 0."""
+    lo, hi = weight_range
+    changed = {}
+    for key in [k for k in mapped if k.endswith(".weight_fake_quant.zero_point")]:
+        zp = mapped[key]
+        bad = zp != 0
+        if not bool(bad.any()):
+            continue
+        prefix = key[: -len(".weight_fake_quant.zero_point")]
+        w, s = mapped[f"{prefix}.weight"].clone(), mapped[f"{prefix}.weight_fake_quant.scale"].clone().float()
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        zf = zp.float().reshape(shape)
+        w_fq = (torch.clamp(torch.round(w / s.reshape(shape)) + zf, -128, 127) - zf) * s.reshape(shape)
+        w[bad] = w_fq[bad]
+        s[bad] = w_fq[bad].flatten(1).abs().amax(1).clamp_min(1e-12) / ((hi - lo) / 2)
+        mapped[f"{prefix}.weight"], mapped[f"{prefix}.weight_fake_quant.scale"] = w, s
+        mapped[key] = torch.zeros_like(zp)
+        changed[prefix.split(".")[1]] = int(bad.sum())
+    return changed
+
+
 def map_state_dict(sd: dict, model: ZooModel) -> dict[str, torch.Tensor]:
     """The research names → deploykit's QAT state_dict (`features.NAME.op.*`, `classifier.NAME.op.*`,
     `quant.*`). Every research key must be used and every weight shape must fit."""
@@ -203,6 +231,7 @@ def import_research(cfg: ImportConfig) -> dict:
         ranges = dataclasses.replace(ranges, input=(0, 255))
     model = quant.qat_model(build_model(cfg.model, ds.input_shape, len(ds.classes), 1.0), ranges)
     mapped = map_state_dict(sd, model)
+    requantized = symmetric_weights(mapped, ranges.weight)
     try:
         model.load_state_dict(mapped, strict=False)
     except RuntimeError as exc:
@@ -225,7 +254,8 @@ def import_research(cfg: ImportConfig) -> dict:
         "accuracy": {"fake_quant": _plain_fake_quant_accuracy(model, ds), "int8": acc_runtime},
         "arithmetic": quant.ARITHMETIC,
         "source": {"research_checkpoint": str(cfg.checkpoint), "sha256": sha256_file(cfg.checkpoint),
-                   "input_quant": "checkpoint" if has_input_quant else "calibrated"},
+                   "input_quant": "checkpoint" if has_input_quant else "calibrated",
+                   "requantized_weight_channels": requantized},
         "config": {"model": cfg.model, "data": cfg.data, "backend": cfg.backend, "seed": cfg.seed,
                    "narrow_weights": cfg.narrow_weights},
         "versions": versions(),

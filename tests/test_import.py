@@ -206,3 +206,19 @@ def test_narrow_weights_make_the_tflite_export_bit_exact(research_ckpt, tmp_path
     report = verify_exports(VerifyConfig(exports=run / "exports", max_drop=100.0, min_agreement=100.0), progress=False)
     rows = [r for r in report.rows if r.checked and r.runtime == "litert"]
     assert len(rows) == 2 and all(r.max_abs_logit_diff == 0.0 for r in rows)
+
+
+def test_affine_weight_channels_become_symmetric():
+    """fbgemm's fused fake-quant leaves one-signed channels on an affine grid (zero point 127/−128);
+    int8 runtimes take only symmetric per-channel weights: those channels are re-quantized."""
+    from deploy_kit.research import symmetric_weights
+
+    w = torch.tensor([[0.5, -0.25, 0.1], [-0.676, -0.0835, -0.3]])
+    mapped = {"features.dw1.op.weight": w, "features.dw1.op.weight_fake_quant.scale": torch.tensor([0.5 / 127.5, 0.676 / 255]),
+              "features.dw1.op.weight_fake_quant.zero_point": torch.tensor([0, 127], dtype=torch.int32)}
+    assert symmetric_weights(mapped, (-128, 127)) == {"dw1": 1}
+    assert mapped["features.dw1.op.weight_fake_quant.zero_point"].tolist() == [0, 0]
+    assert torch.equal(mapped["features.dw1.op.weight"][0], w[0])  # symmetric channels untouched
+    s1 = float(mapped["features.dw1.op.weight_fake_quant.scale"][1])
+    assert s1 == pytest.approx(float(mapped["features.dw1.op.weight"][1].abs().max()) / 127.5)
+    assert torch.allclose(mapped["features.dw1.op.weight"][1], w[1], atol=0.676 / 255)  # the research values, on its grid

@@ -47,6 +47,9 @@ def command(checkpoint, arch, data, out, backend, seed, narrow_weights, force, a
     acc, q = meta["accuracy"], meta["quantization"]
     say(f"{meta['model']} from {checkpoint}: activations {q['activation'][0]}..{q['activation'][1]}, "
         f"weights {q['weight'][0]}..{q['weight'][1]}, input quantizer from the {meta['source']['input_quant']}")
+    if meta["source"]["requantized_weight_channels"]:
+        moved = ", ".join(f"{k} {v}" for k, v in meta["source"]["requantized_weight_channels"].items())
+        say(f"note: weight channels on an affine grid (zero point != 0) re-quantized symmetrically: {moved}")
     say(f"  fake_quant (research arithmetic)  val {acc['fake_quant']['val']:6.2f}%   test {acc['fake_quant']['test']:6.2f}%")
     say(f"  int8 (runtime arithmetic)         val {acc['int8']['val']:6.2f}%   test {acc['int8']['test']:6.2f}%")
     say(f"teacher → {out / 'teacher.json'}")
