@@ -3,8 +3,9 @@
 What it saves (`train_qat.py`): `torch.save(model.state_dict())` of the eager-mode QAT model
 after `fuse_model()` and `prepare_qat` with `get_default_qat_qconfig(backend)`. Its naming:
 
-    conv_seq blocks   NAME.conv.{weight, bn.*, weight_fake_quant.*, activation_post_process.*}
-                      (ConvBnReLU2d: BatchNorm not folded, conv without bias)
+    conv_seq blocks   NAME.conv.{weight, bias, weight_fake_quant.*, activation_post_process.*}
+                      (train_qat.py fuses in eval mode, so BatchNorm is already folded into a
+                      ConvReLU2d; a model fused in train mode keeps NAME.conv.bn.*: folded here)
     Linear+ReLU       NAME.linear.{weight, bias, weight_fake_quant.*, activation_post_process.*}
     plain layers      NAME.{weight, bias, weight_fake_quant.*, activation_post_process.*}
                       (the classifier, and every LeNet5 layer: LeNet5 fuses nothing)
@@ -13,8 +14,8 @@ after `fuse_model()` and `prepare_qat` with `get_default_qat_qconfig(backend)`. 
 fbgemm/x86 quantize activations with reduce_range (codes 0..127) and weights per channel,
 symmetric, on −128..127; qnnpack uses 0..255 and one weight scale per tensor. Both are kept:
 deploykit builds its own QAT model with those code ranges and carries the checkpoint's scales,
-zero points and (BatchNorm-folded) weights into it, so every activation code means what it meant
-in the research model.
+zero points and weights into it, so every activation code means what it meant in the research
+model (in the research arithmetic, measured: the same logits to the last bit).
 
 LeNet5's activation fake-quant sits on the conv output *before* its ReLU (zero point > 0). That
 is the same function as deploykit's fused block: ReLU then the same (s, z) — for x < 0 both give
