@@ -254,9 +254,9 @@ def prepare(cfg: FinetuneConfig) -> _Inputs:
 
 def finetune(cfg: FinetuneConfig, progress: Callable[[str], None] = lambda _m: None) -> FinetuneOutcome:
     inputs = prepare(cfg)
+    device = resolve_device(cfg.device)  # --device cuda without a GPU: one line, before anything else
     for note in notes_for(inputs.result, inputs.teacher):
         progress(note)
-    device = resolve_device(cfg.device)
     with torch_threads(cfg.threads):
         return _finetune(cfg, inputs, device, progress)
 
