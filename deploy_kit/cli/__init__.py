@@ -111,6 +111,8 @@ def main():
     \b
     Pipeline (each stage reads the previous stage's output folder):
       deploykit train  --model lenet5 --data digits --out runs/x     INT8 QAT teacher
+      deploykit import --research X.pth --model lenet5 --data SPEC --out runs/x
+                                                                      or a research-system checkpoint
       deploykit search --teacher runs/x --out runs/x/result.json      per-layer LUT codes (PPO)
       deploykit finetune --config runs/x/result.json                  student weights trained with the LUTs
       deploykit export --config runs/x/result.json --target all       ONNX, ORT Mobile, TFLite INT8
