@@ -22,7 +22,7 @@ from deploy_kit.errors import ConfigError, ExportError
 from deploy_kit.fsutil import atomic_dir, write_json
 from deploy_kit.lut import LayerLUT
 from deploy_kit.native_log import native_stderr_silenced
-from deploy_kit.result import SearchResult, check_against_teacher, load_result
+from deploy_kit.result import SearchResult, check_against_teacher, load_result, notes_for
 from deploy_kit.student import load_student
 from deploy_kit.teacher import Teacher, load_teacher
 from exporters.onnx_to_tf import DEFAULT_LUT_FORM, LUT_FORMS
@@ -172,6 +172,8 @@ def export(cfg: ExportConfig, progress: Callable[[str], None] = lambda _msg: Non
     result = load_result(cfg.result_path)
     teacher = resolve_teacher(result, cfg.teacher_path)
     lut_quant = check_against_teacher(result, teacher)
+    for note in notes_for(result, teacher):
+        progress(note)
     student = load_student(result, teacher)
     out = cfg.out_dir
     _check_not_inputs(out, result, teacher)

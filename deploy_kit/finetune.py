@@ -25,6 +25,7 @@ sha256, metrics) in result.json's `student` entry; export, verify and report the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -43,7 +44,7 @@ from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import check_writable, read_json, write_json
 from deploy_kit.lut import LayerLUT
 from deploy_kit.models import ZooModel
-from deploy_kit.result import SearchResult, check_against_teacher, load_result
+from deploy_kit.result import SearchResult, check_against_teacher, load_result, notes_for
 from deploy_kit.search.reward import attention_map
 from deploy_kit.student import SIDECAR_NAME, WEIGHTS_NAME, load_base, relative, save_student
 from deploy_kit.teacher import Teacher, install_luts
@@ -278,7 +279,9 @@ def prepare(cfg: FinetuneConfig) -> _Inputs:
 
 def finetune(cfg: FinetuneConfig, progress: Callable[[str], None] = lambda _m: None) -> FinetuneOutcome:
     inputs = prepare(cfg)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device)  # --device cuda without a GPU: one line, before anything else
+    for note in notes_for(inputs.result, inputs.teacher):
+        progress(note)
     with torch_threads(cfg.threads):
         return _finetune(cfg, inputs, device, progress)
 
@@ -287,7 +290,7 @@ def _finetune(cfg: FinetuneConfig, inp: _Inputs, device: torch.device, progress)
     start = time.perf_counter()
     seed_everything(cfg.seed)
     teacher, luts = inp.teacher, inp.luts
-    ds = load_dataset(teacher.meta["data"], teacher.meta["seed"])
+    ds = dataclasses.replace(load_dataset(teacher.meta["data"], teacher.meta["seed"]), norm=teacher.norm)
     train = ds.split("train")
     if cfg.max_train:
         train = Split(train.images[:cfg.max_train], train.labels[:cfg.max_train])

@@ -103,8 +103,8 @@ def _ch(c: int, width: float) -> int:
     return max(4, int(round(c * width)))
 
 
-def _pool(k: int = 2, s: int | None = None) -> nn.Module:
-    return nn.MaxPool2d(k, s or k)
+def _pool(k: int = 2, s: int | None = None, p: int = 0) -> nn.Module:
+    return nn.MaxPool2d(k, s or k, p)
 
 
 def lenet5(cin, n, w):
@@ -118,12 +118,12 @@ def lenet5(cin, n, w):
 
 def nin(cin, n, w):
     a, b, c = _ch(192, w), _ch(160, w), _ch(96, w)
-    f = OrderedDict(conv1=conv(cin, a, 5), cccp1=conv(a, b, 1), cccp2=conv(b, c, 1), pool1=_pool(3, 2),
-                    conv2=conv(c, a, 5), cccp3=conv(a, a, 1), cccp4=conv(a, a, 1), pool2=_pool(3, 2),
+    f = OrderedDict(conv1=conv(cin, a, 5), cccp1=conv(a, b, 1), cccp2=conv(b, c, 1), pool1=_pool(3, 2, 1),
+                    conv2=conv(c, a, 5), cccp3=conv(a, a, 1), cccp4=conv(a, a, 1), pool2=_pool(3, 2, 1),
                     conv3=conv(a, a, 3), cccp5=conv(a, a, 1), cccp6=conv(a, n, 1))
-    # NiN ends in a ReLU'd n-channel map and a global average pool; a Linear head keeps
-    # every zoo model's logits coming from a quantized Linear.
-    return f, (lambda flat: OrderedDict(fc=linear(flat, n, relu=False))), True
+    # As in the research system (and the NiN paper): the logits are the global average of
+    # cccp6's ReLU'd n-channel map; no classifier layer.
+    return f, (lambda flat: OrderedDict()), True
 
 
 MOBILENET_CFG = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2)] + [(512, 1)] * 5 + [(1024, 2), (1024, 1)]
@@ -165,12 +165,13 @@ VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512
 
 
 def alexnet(cin, n, w):
+    """The research system's CIFAR AlexNet: 5×5 conv1 (stride 2) and conv2, then a 1024→512→256 head."""
     a, b, c, d = _ch(64, w), _ch(192, w), _ch(384, w), _ch(256, w)
-    f = OrderedDict(conv1=conv(cin, a, 3, 2), pool1=_pool(), conv2=conv(a, b, 3), pool2=_pool(),
+    f = OrderedDict(conv1=conv(cin, a, 5, 2), pool1=_pool(), conv2=conv(a, b, 5), pool2=_pool(),
                     conv3=conv(b, c, 3), conv4=conv(c, d, 3), conv5=conv(d, d, 3), pool3=_pool())
-    hidden = _ch(4096, w)
-    head = lambda flat: OrderedDict(drop1=nn.Dropout(0.5), fc1=linear(flat, hidden), drop2=nn.Dropout(0.5),
-                                    fc2=linear(hidden, hidden), fc3=linear(hidden, n, relu=False))
+    h1, h2 = _ch(512, w), _ch(256, w)
+    head = lambda flat: OrderedDict(fc1=linear(flat, h1), drop1=nn.Dropout(0.5), fc2=linear(h1, h2),
+                                    drop2=nn.Dropout(0.5), fc3=linear(h2, n, relu=False))
     return f, head, False
 
 
@@ -178,10 +179,28 @@ ARCHITECTURES = {"lenet5": lenet5, "nin": nin, "mobilenet_v1": mobilenet_v1, "vg
                  "vgg19": _vgg(VGG19), "alexnet": alexnet}
 
 
+# The zoo's architecture version, recorded in every teacher.json (`zoo`). A model whose layers
+# changed since a version is refused in a teacher written before it (never mis-loaded):
+# version 2 builds the research system's VGG16 head (fc1 512→512 + fc2), AlexNet (5×5
+# conv1/conv2, 1024→512→256 head) and NiN (padded 3×3/2 max pools, no fc).
+ZOO_VERSION = 2
+CHANGED_IN = {"vgg16": (2, "its head is now fc1 (512→512, ReLU) + fc2"),
+              "alexnet": (2, "conv1/conv2 are now 5×5 and its head 512→256→classes"),
+              "nin": (2, "its max pools are padded and the logits are cccp6's average, without an fc")}
+
+# Names the research system (gfat-l/inference) spells differently; accepted wherever a model is named.
+MODEL_ALIASES = {"mobilenetv1": "mobilenet_v1"}
+
+
+def canonical_model(name: str) -> str:
+    return MODEL_ALIASES.get(name, name)
+
+
 def build_model(arch: str, in_shape: tuple[int, int, int], num_classes: int, width: float = 1.0,
                 channels: dict[str, int] | None = None) -> ZooModel:
     """A float model of the zoo. `in_shape` is (C, H, W). `channels` ({block: output channels},
     from a pruned teacher's teacher.json) narrows the named blocks after building."""
+    arch = canonical_model(arch)
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown model {arch!r}; choose one of: {', '.join(ARCHITECTURES)}")
     if not 0 < width <= 4:

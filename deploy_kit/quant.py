@@ -249,12 +249,39 @@ def _forward_order(model: ZooModel):
 # ----------------------------------------------------------------------------- QAT
 
 
-def qat_qconfig() -> tq.QConfig:
-    act = RuntimeFakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
-                                    dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=False)
-    weight = tq.FakeQuantize.with_args(observer=tq.PerChannelMinMaxObserver, quant_min=-127, quant_max=127,
-                                       dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
-    return tq.QConfig(activation=act, weight=weight)
+@dataclass(frozen=True)
+class CodeRanges:
+    """The code ranges of a teacher's fake quantizers (teacher.json `quantization`; absent =
+    deploykit's own). An imported research (fbgemm) checkpoint keeps its reduce_range
+    activations on 0..127 and its full −128..127 per-channel weights."""
+
+    activation: tuple[int, int] = (0, 255)
+    weight: tuple[int, int] = (-127, 127)
+    input: tuple[int, int] = (0, 255)
+
+    def to_dict(self) -> dict:
+        return {"activation": list(self.activation), "weight": list(self.weight), "input": list(self.input)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "CodeRanges":
+        if not d:
+            return cls()
+        try:
+            return cls(*(tuple(int(v) for v in d[k]) for k in ("activation", "weight", "input")))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"teacher.json: `quantization` must hold activation/weight/input [min, max] codes, got {d!r}") from None
+
+
+def _activation_fq(lo: int, hi: int):
+    return RuntimeFakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=lo, quant_max=hi,
+                                         dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=False)
+
+
+def qat_qconfig(ranges: CodeRanges = CodeRanges()) -> tq.QConfig:
+    weight = tq.FakeQuantize.with_args(observer=tq.PerChannelMinMaxObserver, quant_min=ranges.weight[0],
+                                       quant_max=ranges.weight[1], dtype=torch.qint8,
+                                       qscheme=torch.per_channel_symmetric, ch_axis=0)
+    return tq.QConfig(activation=_activation_fq(*ranges.activation), weight=weight)
 
 
 def fold_batchnorm(model: ZooModel) -> ZooModel:
@@ -267,7 +294,7 @@ def fold_batchnorm(model: ZooModel) -> ZooModel:
     return model
 
 
-def prepare_qat(model: ZooModel) -> ZooModel:
+def prepare_qat(model: ZooModel, ranges: CodeRanges = CodeRanges()) -> ZooModel:
     """Folded float model → QAT model (fake-quant weights and activations), in place."""
     model.train()
     for block in model.blocks().values():
@@ -276,16 +303,17 @@ def prepare_qat(model: ZooModel) -> ZooModel:
     model.quant, model.dequant = tq.QuantStub(), tq.DeQuantStub()
     if isinstance(model.pool, nn.AdaptiveAvgPool2d) and model.pool.output_size in (1, (1, 1)):
         model.pool = GridAveragePool(model.pool.output_size)
-    model.qconfig = qat_qconfig()
+    model.qconfig = qat_qconfig(ranges)
+    model.quant.qconfig = tq.QConfig(activation=_activation_fq(*ranges.input), weight=model.qconfig.weight)
     for tap in model.taps().values():
         tap.qconfig = None
     tq.prepare_qat(model, mapping=QAT_MAPPING, inplace=True)
     return model
 
 
-def qat_model(arch_model: ZooModel) -> ZooModel:
+def qat_model(arch_model: ZooModel, ranges: CodeRanges = CodeRanges()) -> ZooModel:
     """The QAT structure for a fresh float model (used to load a saved teacher)."""
-    return prepare_qat(fold_batchnorm(arch_model))
+    return prepare_qat(fold_batchnorm(arch_model), ranges)
 
 
 def freeze(model: ZooModel) -> ZooModel:
@@ -330,7 +358,9 @@ def input_quant(model: ZooModel) -> ActivationQuant:
 
 
 def output_quant(model: ZooModel) -> ActivationQuant:
-    last = list(model.classifier.children())[-1]
+    """The logits' grid: the last block's (NiN's logits are the average of cccp6's map, which
+    GridAveragePool keeps on that grid)."""
+    last = list(model.blocks().values())[-1]
     return _as_quant(_fake_quant_of(last.op))
 
 

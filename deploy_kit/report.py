@@ -157,7 +157,7 @@ def teacher_histograms(teacher, layers: list[str], images: int = HISTOGRAM_IMAGE
     ds = load_dataset(teacher.meta["data"], teacher.meta["seed"])
     train = ds.split("train")
     pick = np.sort(np.random.default_rng(seed).permutation(len(train))[:images])
-    x = torch.from_numpy(normalize(train.images[pick], ds.norm))
+    x = torch.from_numpy(normalize(train.images[pick], teacher.norm))
     return code_histograms(teacher.model, layers, {n: teacher.layer_quant[n] for n in layers}, x)
 
 

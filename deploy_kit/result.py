@@ -15,17 +15,21 @@ from pathlib import Path
 from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import read_json
 from deploy_kit.lut import CODE_FIELDS, ActivationQuant, LayerLUT
+from deploy_kit.models import canonical_model
 
 SCHEMA = "deploykit-result/1"
 QUANT_FIELDS = ("scale", "zero_point", "qmin", "qmax")
+# The research system names the torch quantized engine it searched on; the engine fixes the
+# activation codes: fbgemm/x86 QAT uses reduce_range (codes 0..127), qnnpack the full 0..255.
+BACKEND_QMAX = {"fbgemm": 127, "x86": 127, "qnnpack": 255}
 
 
 @dataclass(frozen=True)
 class SearchResult:
-    model: str
+    model: str | None  # None: the research system's supervised format, which names no model
     layers: dict[str, LayerLUT]
     quant: dict[str, ActivationQuant] = field(default_factory=dict)  # empty for research-format files
-    backend: str = "fbgemm"
+    backend: str | None = None
     selection: str = ""
     metrics: dict = field(default_factory=dict)
     teacher: dict = field(default_factory=dict)  # {"path": ..., "sha256": ...}
@@ -43,6 +47,7 @@ class SearchResult:
                 layers[name].update(self.quant[name].to_dict())
         out = {"schema": SCHEMA, "model": self.model, "backend": self.backend, "selection": self.selection,
                "metrics": self.metrics, "layers": layers}
+        out = {k: v for k, v in out.items() if v is not None}
         if self.teacher:
             out["teacher"] = self.teacher
         if self.search:
@@ -107,8 +112,13 @@ def parse_result(obj, where: str = "result.json") -> SearchResult:
     if schema is not None and schema != SCHEMA:
         raise _fail(where, f"unsupported schema {schema!r}; this deploykit reads {SCHEMA} and the research format")
     parse(obj, ResultFile, where, ConfigError)
-    if not isinstance(obj.get("model"), str):
-        raise _fail(where, "missing \"model\" (the architecture name, e.g. \"lenet5\")")
+    model = obj.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _fail(where, f"\"model\" must be the architecture name (e.g. \"lenet5\"), got {model!r}")
+    backend = obj.get("backend")  # absent: nothing to check it against
+    if backend is not None and backend not in BACKEND_QMAX:
+        raise _fail(where, f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_QMAX)} "
+                           "(the quantized engine the codes were searched on)")
     layers_in = obj.get("layers")
     if not isinstance(layers_in, dict) or not layers_in:
         raise _fail(where, "\"layers\" must be a non-empty object of layer name → codes")
@@ -117,7 +127,7 @@ def parse_result(obj, where: str = "result.json") -> SearchResult:
         layers[name], aq = _parse_layer(where, name, d)
         if aq is not None:
             quant[name] = aq
-    return SearchResult(model=obj["model"], layers=layers, quant=quant, backend=obj.get("backend", "fbgemm"),
+    return SearchResult(model=canonical_model(model) if model else None, layers=layers, quant=quant, backend=backend,
                         selection=obj.get("selection", ""), metrics=obj.get("metrics") or {},
                         teacher=obj.get("teacher") or {}, search=obj.get("search") or {},
                         candidates=obj.get("candidates") or [], student=_student_entry(where, obj.get("student")),
@@ -143,10 +153,11 @@ def load_result(path: Path) -> SearchResult:
 
 
 def check_against_teacher(result: SearchResult, teacher) -> dict[str, ActivationQuant]:
-    """The result must name the teacher's model and only its layers; quantization in the file
-    (if any) must equal the teacher's. Returns the quantization to use per layer."""
+    """The result must name the teacher's model (or none: the supervised format) and only its
+    layers; its backend must mean the teacher's activation codes; quantization in the file (if
+    any) must equal the teacher's. Returns the quantization to use per layer."""
     where = result.path.name if result.path else "result.json"
-    if result.model != teacher.arch:
+    if result.model is not None and result.model != teacher.arch:
         raise _fail(where, f"model is {result.model!r} but the teacher is a {teacher.arch!r}; pass the matching --teacher")
     sha = result.teacher.get("sha256")
     if sha and sha != teacher.sha256:
@@ -159,8 +170,42 @@ def check_against_teacher(result: SearchResult, teacher) -> dict[str, Activation
             lut.check_range(tq[name])
         except ConfigError as exc:
             raise _fail(where, f"layer {name}: {exc}") from None
-        q = result.quant.get(name)
-        if q is not None and (q.zero_point != tq[name].zero_point or abs(q.scale - tq[name].scale) > 1e-6 * tq[name].scale):
-            raise _fail(where, f"layer {name}: scale/zero_point {q.scale:g}/{q.zero_point} differ from the teacher's "
-                               f"{tq[name].scale:g}/{tq[name].zero_point}")
+        _check_layer_grid(where, name, result.quant.get(name), tq[name])
+    if not result.quant:
+        _check_backend(where, result, tq)
     return {n: tq[n] for n in result.layers}
+
+
+def _check_layer_grid(where: str, name: str, q: ActivationQuant | None, t: ActivationQuant) -> None:
+    if q is None:
+        return
+    if q.zero_point != t.zero_point or abs(q.scale - t.scale) > 1e-6 * t.scale:
+        raise _fail(where, f"layer {name}: scale/zero_point {q.scale:g}/{q.zero_point} differ from the teacher's "
+                           f"{t.scale:g}/{t.zero_point}")
+    if (q.qmin, q.qmax) != (t.qmin, t.qmax):
+        raise _fail(where, f"layer {name}: codes {q.qmin}..{q.qmax} differ from the teacher's {t.qmin}..{t.qmax}")
+
+
+def _check_backend(where: str, result: SearchResult, teacher_quant: dict[str, ActivationQuant]) -> None:
+    """A research-format file carries no grids: its `backend` is what says which codes it means."""
+    if result.backend is None:
+        return
+    want = BACKEND_QMAX[result.backend]
+    have = sorted({teacher_quant[n].qmax for n in result.layers})
+    if have != [want]:
+        codes = "/".join(f"0..{h}" for h in have)
+        raise _fail(where, f"was searched on backend {result.backend} (activation codes 0..{want}), but the teacher's "
+                           f"activations use codes {codes}; the same codes would mean other values — pass the teacher "
+                           "it was searched on (`deploykit import --research` keeps a research checkpoint's codes)")
+
+
+def notes_for(result: SearchResult, teacher) -> list[str]:
+    """One-line remarks about what the file leaves to the teacher (printed by export/finetune)."""
+    where = result.path.name if result.path else "result.json"
+    notes = []
+    if result.model is None:
+        notes.append(f"note: {where} names no model (research supervised format); using the teacher's: {teacher.arch}")
+    if not result.quant:
+        notes.append(f"warning: {where} has no per-layer scales, so its codes cannot be checked against the grid "
+                     f"it was searched on; they are applied to the teacher's grids")
+    return notes

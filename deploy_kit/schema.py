@@ -102,6 +102,8 @@ class TeacherSidecar(Record):
     accuracy: dict[str, dict[str, Finite | None]] = Field(default_factory=dict)
     weights: InsidePath = "teacher.safetensors"
     weights_sha256: SHA256
+    zoo: Annotated[StrictInt, Field(ge=1, le=1000)] | None = None  # the zoo's architecture version
+    quantization: Record | None = None  # code ranges (quant.CodeRanges), e.g. an imported fbgemm teacher's 0..127
     # a pruned teacher (`deploykit prune`): output channels per block
     channels: dict[Name, Annotated[StrictInt, Field(ge=1, le=65536)]] | None = None
 
@@ -148,8 +150,8 @@ class ResultFile(Record):
     """result.json (`deploykit search`, or the research system's format)."""
 
     schema_: Literal["deploykit-result/1"] | None = Field(default=None, alias="schema")
-    model: Name
-    backend: StrictStr = "fbgemm"
+    model: Name | None = None  # the research system's supervised format has none: the teacher's is taken
+    backend: StrictStr | None = None  # absent: nothing to check the teacher's grids against
     selection: StrictStr = ""
     metrics: dict = Field(default_factory=dict)
     layers: dict[Name, ResultLayer] = Field(min_length=1)

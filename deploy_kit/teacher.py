@@ -19,7 +19,7 @@ from deploy_kit.data import Normalization
 from deploy_kit.errors import CheckpointError
 from deploy_kit.fsutil import atomic_path, read_json, sha256_file, write_json
 from deploy_kit.lut import ActivationQuant, LayerLUT, LUTActivation
-from deploy_kit.models import ZooModel, build_model
+from deploy_kit.models import CHANGED_IN, ZOO_VERSION, ZooModel, build_model
 
 FORMAT = "deploykit-teacher/1"
 WEIGHTS_NAME, SIDECAR_NAME = "teacher.safetensors", "teacher.json"
@@ -74,7 +74,7 @@ def save_teacher(model: ZooModel, meta: dict, out_dir: Path) -> Path:
     weights = out_dir / WEIGHTS_NAME
     with atomic_path(weights) as tmp:
         save_file(state_dict_for_save(model), str(tmp))
-    meta = {"format": FORMAT, **meta, "weights": WEIGHTS_NAME, "weights_sha256": sha256_file(weights)}
+    meta = {"format": FORMAT, "zoo": ZOO_VERSION, **meta, "weights": WEIGHTS_NAME, "weights_sha256": sha256_file(weights)}
     write_json(out_dir / SIDECAR_NAME, meta)
     return out_dir / SIDECAR_NAME
 
@@ -120,15 +120,29 @@ def load_teacher(path: Path, expect_model: str | None = None) -> Teacher:
     return Teacher(load_qat_weights(meta, weights), meta, weights)
 
 
+def _zoo_version_error(weights: Path, meta: dict) -> CheckpointError | None:
+    """Why weights that do not fit were refused, when the sidecar predates a change of its model.
+    (Sidecars without `zoo` whose weights fit — trained after the change — load as usual.)"""
+    written, (needed, what) = meta.get("zoo", 1), CHANGED_IN.get(meta["model"], (1, ""))
+    if written >= needed:
+        return None
+    return CheckpointError(f"{weights}: this {meta['model']} was trained with zoo version {written}, and the zoo's "
+                           f"{meta['model']} changed in version {needed} ({what}, as in the research system); its "
+                           f"weights do not fit — re-run `deploykit train`")
+
+
 def load_qat_weights(meta: dict, weights: Path) -> ZooModel:
     """The frozen QAT model of `meta`'s architecture with `weights` (a teacher's or a fine-tuned
     student's safetensors), in eval and the runtime arithmetic."""
+    ranges = quant.CodeRanges.from_dict(meta.get("quantization"))
     model = quant.qat_model(build_model(meta["model"], tuple(meta["input_shape"]), len(meta["classes"]), meta["width"],
-                                        channels=meta.get("channels")))  # a pruned teacher's counts
+                                        channels=meta.get("channels")), ranges)  # a pruned teacher's counts
     try:
         state = load_file(str(weights))
         model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
+        if isinstance(exc, RuntimeError) and (why := _zoo_version_error(weights, meta)):
+            raise why from None
         first = str(exc).strip().splitlines()[0][:200]
         raise CheckpointError(f"{weights} does not fit a {meta['model']} (width {meta['width']}): {first}") from None
     quant.disable_observers(model)

@@ -20,7 +20,7 @@ from deploy_kit.data import Dataset, Split, load_dataset, normalize
 from deploy_kit.device import check_device_name, resolve_device
 from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import check_writable
-from deploy_kit.models import ARCHITECTURES, ZooModel, build_model
+from deploy_kit.models import ARCHITECTURES, ZooModel, build_model, canonical_model
 from deploy_kit.teacher import SIDECAR_NAME, WEIGHTS_NAME, save_teacher
 
 
@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = "auto"  # where the epochs run (deploy_kit/device.py); evaluation is always on the CPU
 
     def __post_init__(self):
+        object.__setattr__(self, "model", canonical_model(self.model))
         if self.model not in ARCHITECTURES:
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(ARCHITECTURES)}")
         if self.epochs < 0 or self.qat_epochs < 1:

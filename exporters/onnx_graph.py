@@ -218,13 +218,15 @@ def _attach_int8_weights(graph: gs.Graph, name: str, block) -> None:
 # ----------------------------------------------------------------------------- the LUT rewrite
 
 def activation_chain(graph: gs.Graph, name: str) -> tuple[gs.Node, gs.Node, gs.Node]:
-    """The Relu → QuantizeLinear → DequantizeLinear of block `name`."""
+    """The Relu → QuantizeLinear → DequantizeLinear of block `name`; `dq` is the DequantizeLinear
+    even when a reduced code range (fbgemm's 0..127) puts torch's Clip on the codes between."""
     relu = _block_node(graph, name, ("Relu",))
     if relu is None:
         raise ExportError(f"layer {name}: no Relu under /features/{name}/ or /classifier/{name}/ in the ONNX graph; "
                           "is this layer in the teacher's model?")
     q = _only_consumer(relu, "QuantizeLinear", name)
-    dq = _only_consumer(q, "DequantizeLinear", name)
+    clip = _sole_user(q, "Clip")
+    dq = _only_consumer(clip or q, "DequantizeLinear", name)
     return relu, q, dq
 
 

@@ -108,12 +108,13 @@ def _fold(op: str, values: list[np.ndarray], attrs: dict) -> np.ndarray:
 
 
 def _symmetric_int8(node: onnx.NodeProto, constants: dict) -> bool:
-    """A DequantizeLinear of int8 codes in −127..127 with zero point 0: weights whose scales
-    a narrow-range fake quant can pin for the converter."""
+    """A DequantizeLinear of int8 codes with zero point 0: weights whose scales a fake quant can
+    pin for the converter (narrow −127..127 for deploykit's, full −128..127 for an imported
+    fbgemm checkpoint's: `_weight`)."""
     if node.op_type != "DequantizeLinear" or constants[node.input[0]].dtype != np.int8:
         return False
     zero = constants[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(1)
-    return int(constants[node.input[0]].min(initial=0)) >= -127 and not np.any(zero)
+    return not np.any(zero)
 
 
 def _static_shape(value_info) -> tuple:
@@ -138,15 +139,16 @@ def read_graph(proto: onnx.ModelProto, lut_form: str = DEFAULT_LUT_FORM,
         elif n.op_type in FOLDABLE and n.input and all(i in constants for i in n.input if i):
             constants[n.output[0]] = _fold(n.op_type, [constants[i] for i in n.input if i], attrs)
             if _symmetric_int8(n, constants):
-                weight_scales[n.output[0]] = np.atleast_1d(constants[n.input[1]]).astype(np.float32)
+                narrow = int(constants[n.input[0]].min(initial=0)) >= -127
+                weight_scales[n.output[0]] = (np.atleast_1d(constants[n.input[1]]).astype(np.float32), narrow)
         else:
             if n.op_type in ("Conv", "Gemm") and len(n.input) > 1 and n.input[1] in weight_scales:
-                attrs["weight_scale"] = weight_scales[n.input[1]]
+                attrs["weight_scale"], attrs["weight_narrow"] = weight_scales[n.input[1]]
             nodes.append(Node(n.op_type, n.name or n.output[0], tuple(n.input), tuple(n.output), attrs))
     inputs = [v for v in g.input if v.name not in constants]
     if len(inputs) != 1:
         raise ExportError(f"expected one graph input, found {[v.name for v in inputs]}")
-    nodes = _fuse_fake_quant(nodes, constants, {o.name for o in g.output})
+    nodes = _fuse_fake_quant(_absorb_code_clips(nodes, constants), constants, {o.name for o in g.output})
     luts = find_luts(nodes, constants)
     forms, fallbacks = layer_forms(luts, lut_form, select_layers)
     nodes = _pool_before_lut(_lower_luts(nodes, luts, forms))
@@ -163,6 +165,22 @@ def _qparams(node: Node, constants: dict) -> tuple[float, int, np.dtype]:
     if scale.size != 1:
         raise ExportError(f"node {node.name} ({node.op}): an activation needs a per-tensor scale, found {scale.size} scales")
     return float(scale.reshape(())), int(zero.reshape(())), zero.dtype
+
+
+def _absorb_code_clips(nodes: list[Node], constants: dict) -> list[Node]:
+    """Q → Clip(codes) → DQ, torch's form of a reduced range (fbgemm: codes 0..127), becomes
+    Q → DQ with the range recorded on the Q (`code_range`), so it fuses into one FakeQuant."""
+    producer = {o: n for n in nodes for o in n.outputs}
+    renamed, kept = {}, []
+    for n in nodes:
+        src = producer.get(n.inputs[0]) if n.op == "Clip" and n.inputs else None
+        if src is None or src.op != "QuantizeLinear" or not all(i in constants for i in n.inputs[1:3] if i):
+            kept.append(n)
+            continue
+        bound = [int(constants[i].reshape(())) if i else None for i in (list(n.inputs[1:3]) + ["", ""])[:2]]
+        src.attrs["code_range"] = tuple(bound)
+        renamed[n.outputs[0]] = n.inputs[0]
+    return [Node(n.op, n.name, tuple(renamed.get(i, i) for i in n.inputs), n.outputs, n.attrs) for n in kept]
 
 
 def _fuse_fake_quant(nodes: list[Node], constants: dict, graph_outputs: set[str]) -> list[Node]:
@@ -190,6 +208,8 @@ def _fuse_fake_quant(nodes: list[Node], constants: dict, graph_outputs: set[str]
         if dtype not in QRANGE:
             raise ExportError(f"node {n.name} (QuantizeLinear): expected uint8 or int8 codes, found {dtype}")
         qmin, qmax = QRANGE[dtype]
+        lo, hi = n.attrs.get("code_range", (None, None))
+        qmin, qmax = max(qmin, lo if lo is not None else qmin), min(qmax, hi if hi is not None else qmax)
         for u in users:
             dropped.add(u.name)
             fused.append(Node(FAKE_QUANT, n.name, (n.inputs[0],), u.outputs,
@@ -445,13 +465,17 @@ def _weight(node: Node, w: np.ndarray, depthwise: bool = False):
     scale = node.attrs.get("weight_scale")
     if scale is None:
         return w
+    # narrow: −127..127 (deploykit's codes); else the full −128..127 (an imported fbgemm checkpoint)
+    narrow = node.attrs.get("weight_narrow", True)
+    lo = (-127 if narrow else -128) * scale
+
+    def pin(v):
+        return tf.quantization.fake_quant_with_min_max_vars_per_channel(v, lo, 127 * scale, num_bits=8,
+                                                                        narrow_range=narrow)
     if depthwise:  # [kh, kw, C, m]: channels are C·m, fake-quant them on the last axis
         kh, kw, c, m = w.shape
-        flat = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-            w.reshape(kh, kw, 1, c * m), -127 * scale, 127 * scale, num_bits=8, narrow_range=True)
-        return tf.reshape(flat, w.shape)
-    return tf.quantization.fake_quant_with_min_max_vars_per_channel(w, -127 * scale, 127 * scale,
-                                                                    num_bits=8, narrow_range=True)
+        return tf.reshape(pin(w.reshape(kh, kw, 1, c * m)), w.shape)
+    return pin(w)
 
 
 def conv(node: Node, inputs: list):
@@ -513,6 +537,10 @@ def _pool(node: Node, x, fn):
         raise ExportError(f"node {node.name} ({node.op}): ceil_mode=1 is not supported")
     kernel, strides = _window(node)
     padding = _pads(node, x, kernel, strides)
+    if isinstance(padding, list) and node.op == "MaxPool":
+        # Every zoo max pool reads a ReLU'd or LUT'd tensor (values >= 0), so zero padding (the
+        # zero point, in int8) never wins a max: the same as ONNX's -inf padding (NiN: 3×3/2, pad 1).
+        x, padding = _tf().pad(x, padding), "VALID"
     if isinstance(padding, list):
         raise ExportError(f"node {node.name} ({node.op}): pads {node.attrs['pads']} are not supported")
     return fn(x, kernel, strides, padding)
@@ -565,11 +593,19 @@ def where(node: Node, inputs: list):
 
 def fake_quant(node: Node, inputs: list):
     """min/max span all 256 levels of the code type, so the converter's scale is exactly s and
-    its zero point z (shifted to int8). A reduced range is a separate Clip (DESIGN.md §5)."""
-    a = node.attrs
-    lo = np.float32(a["scale"] * (a["qmin"] - a["zero_point"]))
-    hi = np.float32(a["scale"] * (a["qmax"] - a["zero_point"]))
-    return [_tf().quantization.fake_quant_with_min_max_vars(inputs[0], lo, hi, num_bits=8)]
+    its zero point z (shifted to int8). A reduced range (qmin/qmax inside the type's, fbgemm's
+    0..127) is a separate clamp on the grid after it, never a narrower min/max: that would
+    spread 256 levels over it and change the scale (DESIGN.md §5)."""
+    a, tf = node.attrs, _tf()
+    s, z = a["scale"], a["zero_point"]
+    full_lo, full_hi = (0, 255) if a["qmin"] >= 0 else (-128, 127)
+    y = tf.quantization.fake_quant_with_min_max_vars(inputs[0], np.float32(s * (full_lo - z)),
+                                                     np.float32(s * (full_hi - z)), num_bits=8)
+    if a["qmax"] < full_hi:
+        y = tf.minimum(y, np.float32(s * (a["qmax"] - z)))
+    if a["qmin"] > full_lo:
+        y = tf.maximum(y, np.float32(s * (a["qmin"] - z)))
+    return [y]
 
 
 def _fq(x, lo: float, hi: float):

@@ -242,3 +242,22 @@ def test_sidecar_without_its_weights_is_refused(lenet_teacher, tmp_path):
     (run / WEIGHTS_NAME).unlink()
     with pytest.raises(CheckpointError, match="teacher.safetensors is missing"):
         load_teacher(run)
+
+
+def test_research_system_architectures():
+    """Layer shapes of the research system's model files (gfat-l/inference) at width 1, 3×32×32."""
+    alex = build_model("alexnet", (3, 32, 32), 10)
+    assert alex.features.conv1.op.kernel_size == (5, 5) and alex.features.conv1.op.stride == (2, 2)
+    assert alex.features.conv2.op.kernel_size == (5, 5)
+    assert [(b.op.in_features, b.op.out_features) for b in alex.classifier.children() if hasattr(b, "op")] == \
+        [(1024, 512), (512, 256), (256, 10)]
+    nin = build_model("nin", (3, 32, 32), 10)
+    assert len(nin.classifier) == 0 and nin.features.cccp6.op.out_channels == 10  # logits = cccp6's average
+    assert nin.features.pool1.padding == 1 and nin(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    vgg = build_model("vgg16", (3, 32, 32), 10)
+    assert [n for n in vgg.classifier.named_children() if n[0].startswith("fc")][0][1].op.in_features == 512
+
+
+def test_mobilenetv1_is_an_alias():
+    assert build_model("mobilenetv1", (3, 32, 32), 10).arch == "mobilenet_v1"
+    assert TrainConfig(model="mobilenetv1").model == "mobilenet_v1"

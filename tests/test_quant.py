@@ -168,7 +168,11 @@ def test_runtime_arithmetic_binds_each_block_to_its_input_grid():
     nin = quant.qat_model(build_model("nin", (3, 32, 32), 10, width=0.125))
     quant.disable_observers(nin)
     last = quant.activation_quant(nin)["cccp6"]
-    assert nin.pool.grid == last and nin.blocks()["fc"].op.input_quant == last  # the int8 global pool keeps the grid
+    # the int8 global pool keeps the grid: NiN's logits (its average, no fc) are on cccp6's grid
+    assert nin.pool.grid == last and quant.output_quant(nin) == last
+    mobile = quant.qat_model(build_model("mobilenet_v1", (3, 32, 32), 10, width=0.125))
+    quant.disable_observers(mobile)
+    assert mobile.blocks()["fc"].op.input_quant == quant.activation_quant(mobile)["pw13"]
     unbound = quant.use_runtime_arithmetic(copy.deepcopy(lenet), on=False)
     assert all(b.op.input_quant is None for b in unbound.blocks().values())
 

@@ -81,7 +81,7 @@ def test_layers_restricts_the_search(lenet_teacher, tmp_path):
 
 def test_research_format_still_loads(ppo_run, lenet_teacher, tmp_path):
     raw = json.loads(ppo_run.path.read_text())
-    research = {"model": raw["model"], "backend": "fbgemm", "selection": raw["selection"],
+    research = {"model": raw["model"], "backend": "qnnpack", "selection": raw["selection"],
                 "metrics": {k: raw["metrics"][k] for k in ("acc_teacher", "acc_student", "acc_drop")},
                 "layers": {n: {k: v for k, v in d.items() if k.endswith("_code")} for n, d in raw["layers"].items()}}
     path = tmp_path / "research.json"
@@ -89,6 +89,10 @@ def test_research_format_still_loads(ppo_run, lenet_teacher, tmp_path):
     result = load_result(path)
     assert result.quant == {} and result.layers == load_result(ppo_run.path).layers
     check_against_teacher(result, load_teacher(lenet_teacher))
+    # fbgemm codes run 0..127: applied to this 0..255 teacher they would mean other values
+    path.write_text(json.dumps({**research, "backend": "fbgemm"}))
+    with pytest.raises(ConfigError, match=r"searched on backend fbgemm \(activation codes 0..127\).*0..255"):
+        check_against_teacher(load_result(path), load_teacher(lenet_teacher))
 
 
 def test_default_out_and_no_overwrite(lenet_teacher, tmp_path):

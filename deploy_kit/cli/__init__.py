@@ -21,7 +21,7 @@ import click
 from deploy_kit import __version__
 from deploy_kit.errors import DeployKitError
 
-COMMANDS = ("train", "prune", "search", "finetune", "export", "verify", "bench", "report", "demo")
+COMMANDS = ("train", "import_research", "prune", "search", "finetune", "export", "verify", "bench", "report", "demo")
 
 
 class Finite(click.FloatRange):
@@ -128,6 +128,8 @@ def main():
     \b
     Pipeline (each stage reads the previous stage's output folder):
       deploykit train  --model lenet5 --data digits --out runs/x     INT8 QAT teacher
+      deploykit import --research X.pth --model lenet5 --data SPEC --out runs/x
+                                                                      or a research-system checkpoint
       deploykit prune  --teacher runs/x --budget latency=0.5 --out runs/p   optional: fewer channels (RL)
       deploykit search --teacher runs/x --out runs/x/result.json      per-layer LUT codes (PPO)
       deploykit finetune --config runs/x/result.json                  student weights trained with the LUTs

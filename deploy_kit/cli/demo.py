@@ -7,14 +7,14 @@ from pathlib import Path
 import click
 
 from deploy_kit.cli import Finite, emit, handle_errors, json_option, say
-from deploy_kit.models import ARCHITECTURES
+from deploy_kit.models import ARCHITECTURES, MODEL_ALIASES
 from exporters.onnx_to_tf import LUT_FORMS
 
 
 @click.command("demo")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
               help="Run folder for every stage's output (teacher, result.json, exports/, report.html).")
-@click.option("--model", "arch", default="lenet5", show_default=True, type=click.Choice(list(ARCHITECTURES)),
+@click.option("--model", "arch", default="lenet5", show_default=True, type=click.Choice([*ARCHITECTURES, *MODEL_ALIASES]),
               help="Architecture; the 5-minute figure is for lenet5.")
 @click.option("--data", default="digits", show_default=True,
               help="digits (bundled, offline) | cifar10:PATH | imagefolder:PATH.")

@@ -8,13 +8,13 @@ import click
 
 from deploy_kit.cli import Finite, emit, handle_errors, json_option, say
 from deploy_kit.device import DEVICES
-from deploy_kit.models import ARCHITECTURES
+from deploy_kit.models import ARCHITECTURES, MODEL_ALIASES
 from deploy_kit.quant import BACKENDS
 
 
 @click.command("train")
-@click.option("--model", "arch", default="lenet5", show_default=True, type=click.Choice(list(ARCHITECTURES)),
-              help="Architecture from the zoo (all in their 32×32 CIFAR form).")
+@click.option("--model", "arch", default="lenet5", show_default=True, type=click.Choice([*ARCHITECTURES, *MODEL_ALIASES]),
+              help="Architecture from the zoo (all in their 32×32 CIFAR form); mobilenetv1 = mobilenet_v1.")
 @click.option("--data", default="digits", show_default=True,
               help="digits | cifar10:PATH | imagefolder:PATH (train/ test/ [val/] of class folders).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder to write the teacher into.")
@@ -58,9 +58,9 @@ def command(arch, data, out, width, epochs, qat_epochs, batch_size, lr, hflip, c
                       threads=threads, hflip=hflip, crop=crop, device=device)
     meta = train_teacher(cfg, out, force=force)
     acc = meta["accuracy"]
-    say(f"{arch} on {data}: {meta['seconds']:.1f}s, {meta['images_per_s']:.0f} img/s")
+    say(f"{cfg.model} on {data}: {meta['seconds']:.1f}s, {meta['images_per_s']:.0f} img/s")
     for kind in ("float", "fake_quant", "int8"):
         say(f"  {kind:<10} val {acc[kind]['val']:6.2f}%   test {acc[kind]['test']:6.2f}%")
     say(f"teacher → {out / 'teacher.json'}")
-    emit({"checkpoint": str(out / "teacher.safetensors"), "model": arch, "seconds": meta["seconds"],
+    emit({"checkpoint": str(out / "teacher.safetensors"), "model": cfg.model, "seconds": meta["seconds"],
           "accuracy": {k: acc[k] for k in ("float", "int8")}})

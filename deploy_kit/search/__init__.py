@@ -11,6 +11,7 @@ and search_log.jsonl.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -146,7 +147,7 @@ def run_search(teacher_path: Path, cfg: SearchConfig, out: Path | None = None, f
     device = resolve_device(cfg.device)  # --device cuda without a GPU fails here, before any work
     base, base_record = _base_student(from_student, teacher, out)
     layers = search_layers(teacher, cfg.layers)
-    ds = _dataset(teacher.meta["data"], teacher.meta["seed"])
+    ds = dataclasses.replace(_dataset(teacher.meta["data"], teacher.meta["seed"]), norm=teacher.norm)
     torch.manual_seed(cfg.seed)
     quant = {n: teacher.layer_quant[n] for n in layers}
     x, _ = _train_images(ds, cfg.state_images, cfg.seed)
