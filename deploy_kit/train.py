@@ -168,6 +168,20 @@ def _run_epochs(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, ep
     model.cpu()
 
 
+def fit_and_quantize(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, gen: torch.Generator,
+                     device: torch.device, label: str = "float", loss_fn=None) -> dict:
+    """`cfg.epochs` float epochs (with `loss_fn`, else cross-entropy), BatchNorm folded, then
+    `cfg.qat_epochs` of QAT and the weight scales frozen; the model is changed in place. Returns
+    the float / fake-quant / INT8 accuracies on val and test, as teacher.json records them."""
+    _run_epochs(model, train, ds, cfg, cfg.epochs, cfg.lr, label, gen, device, loss_fn)
+    acc_float = _evaluate(model, ds)
+    quant.prepare_qat(quant.fold_batchnorm(model))
+    _run_epochs(model, train, ds, cfg, cfg.qat_epochs, cfg.qat_lr, "qat", gen, device)
+    quant.freeze(model)
+    return {"float": acc_float, "fake_quant": _evaluate(model, ds),
+            "int8": _evaluate(quant.convert_int8(model, cfg.backend), ds)}
+
+
 def _evaluate(model, ds: Dataset) -> dict:
     return {s: accuracy(predict(model, ds.split(s), ds), ds.split(s).labels) for s in ("val", "test")}
 
@@ -208,13 +222,7 @@ def _train_teacher(cfg: TrainConfig, out_dir: Path, ds: Dataset | None, device: 
         train = Split(train.images[:cfg.max_train], train.labels[:cfg.max_train])
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_model(cfg.model, ds.input_shape, len(ds.classes), cfg.width)
-    _run_epochs(model, train, ds, cfg, cfg.epochs, cfg.lr, "float", gen, device)
-    acc_float = _evaluate(model, ds)
-    quant.prepare_qat(quant.fold_batchnorm(model))
-    _run_epochs(model, train, ds, cfg, cfg.qat_epochs, cfg.qat_lr, "qat", gen, device)
-    quant.freeze(model)
-    acc_fq = _evaluate(model, ds)
-    acc_int8 = _evaluate(quant.convert_int8(model, cfg.backend), ds)
+    accuracy = fit_and_quantize(model, train, ds, cfg, gen, device)
     seconds = round(time.perf_counter() - start, 2)
     meta = {
         "model": cfg.model, "width": cfg.width, "backend": cfg.backend, "data": cfg.data, "seed": cfg.seed,
@@ -222,7 +230,7 @@ def _train_teacher(cfg: TrainConfig, out_dir: Path, ds: Dataset | None, device: 
         "normalization": ds.norm.to_dict(),
         "input_quant": quant.input_quant(model).to_dict(), "output_quant": quant.output_quant(model).to_dict(),
         "layers": {n: q.to_dict() for n, q in quant.activation_quant(model).items()},
-        "accuracy": {"float": acc_float, "fake_quant": acc_fq, "int8": acc_int8}, "arithmetic": quant.ARITHMETIC,
+        "accuracy": accuracy, "arithmetic": quant.ARITHMETIC,
         "train_images": len(train), "images_per_s": round(len(train) * (cfg.epochs + cfg.qat_epochs) / seconds, 1),
         "seconds": seconds, "config": asdict(cfg), "device": str(device), "versions": versions(),
     }

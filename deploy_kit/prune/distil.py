@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from deploy_kit import quant
 from deploy_kit.data import Dataset
 from deploy_kit.errors import ConfigError
 from deploy_kit.models import ZooModel
-from deploy_kit.train import TrainConfig, _evaluate, _run_epochs
+from deploy_kit.train import TrainConfig, fit_and_quantize
 
 
 @dataclass(frozen=True)
@@ -59,11 +58,5 @@ def distil_and_qat(student: ZooModel, teacher: ZooModel, train, ds: Dataset, tra
     accuracies (float after KD, fake-quant, int8) on val and test, as `train` records them, and
     the train config the epochs ran with."""
     run_cfg = replace(train_cfg, epochs=cfg.epochs, qat_epochs=cfg.qat_epochs, lr=cfg.lr, qat_lr=cfg.qat_lr)
-    _run_epochs(student, train, ds, run_cfg, cfg.epochs, cfg.lr, "distil", gen, device, kd_loss(teacher, cfg))
-    acc_float = _evaluate(student, ds)
-    quant.prepare_qat(quant.fold_batchnorm(student))
-    _run_epochs(student, train, ds, run_cfg, cfg.qat_epochs, cfg.qat_lr, "qat", gen, device)
-    quant.freeze(student)
-    acc_fq = _evaluate(student, ds)
-    acc_int8 = _evaluate(quant.convert_int8(student, train_cfg.backend), ds)
-    return student, {"float": acc_float, "fake_quant": acc_fq, "int8": acc_int8}, run_cfg
+    accuracy = fit_and_quantize(student, train, ds, run_cfg, gen, device, "distil", kd_loss(teacher, cfg))
+    return student, accuracy, run_cfg
