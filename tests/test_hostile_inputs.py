@@ -272,6 +272,26 @@ DEMO_BAD = [("--seed", "-1"), ("--episodes", "0"), ("--width", "nan"), ("--epoch
             ("--finetune-ema", "nan")]
 
 EXPORT = ("--config", f"{RUN}/result.json", "--out", f"{TMP}/exp")
+PRUNE = ("--teacher", RUN, "--out", f"{TMP}/pruned", "--budget", "macs=0.5", "--episodes", "2", "--kd-epochs", "1",
+         "--qat-epochs", "1")
+PRUNE_BAD = [("--budget", "macs=1.5"), ("--budget", "macs=0"), ("--budget", "latency=-0.5"), ("--budget", "macs=nan"),
+             ("--budget", "flops=0.5"), ("--budget", "macs"), ("--runtime", "tflite-gpu"), ("--method", "random"),
+             ("--episodes", "0"), ("--seed", "-1"), ("--alpha", "nan"), ("--kd-epochs", "-1"), ("--qat-epochs", "0"),
+             ("--kd-temperature", "0"), ("--device", "tpu")]
+
+IMPORT = ("--research", f"{TMP}/ckpt.pth", "--model", "lenet5", "--data", "digits", "--out", f"{TMP}/imported")
+IMPORT_BAD = [("--model", "resnet9000"), ("--backend", "cuda"), ("--seed", "-1")]
+
+
+def research_checkpoint(obj) -> Callable[[Path], None]:
+    """Writes `obj` with torch.save as the case's --research file (next to run/)."""
+    def write(run: Path) -> None:
+        import torch
+
+        torch.save(obj() if callable(obj) else obj, run.parent / "ckpt.pth")
+    return write
+
+
 EXPORT_BAD = [("--target", "coreml"), ("--io", "int4"), ("--lut-form", "gather")]
 
 # teacher.json broken: (id, prepare, piece of the error)
@@ -402,6 +422,8 @@ def build_cases() -> list[Case]:
     cases += option_cases("bench", BENCH, BENCH_BAD)
     cases += option_cases("demo", DEMO, DEMO_BAD)
     cases += option_cases("export", EXPORT, EXPORT_BAD)
+    cases += option_cases("prune", PRUNE, PRUNE_BAD)
+    cases += option_cases("import", IMPORT, IMPORT_BAD)
     cases += [
         # outputs: checked (and claimed) before any work
         case("train out under a file", "train", "--out", f"{TMP}/afile/sub", *TRAIN[2:], expect="is a file"),
@@ -484,6 +506,23 @@ def build_cases() -> list[Case]:
         case("demo out is a file", "demo", "--out", f"{TMP}/afile", expect="is a file"),
         case("demo over a run", "demo", "--out", RUN, expect="already holds a run"),
         case("demo data unknown", "demo", *DEMO, "--data", "mnist", expect="mnist"),
+        # prune and import: their inputs and outputs, refused before any work
+        case("prune over a teacher", "prune", "--teacher", RUN, "--out", RUN, *PRUNE[4:], expect="exists"),
+        case("prune out under a file", "prune", "--teacher", RUN, "--out", f"{TMP}/afile/sub", *PRUNE[4:],
+             expect="is a file"),
+        case("prune teacher missing", "prune", "--teacher", f"{TMP}/nothing", *PRUNE[2:], expect="nothing"),
+        case("import checkpoint missing", "import", *IMPORT, expect="ckpt.pth"),
+        case("import corrupt checkpoint", "import", *IMPORT,
+             prepare=lambda run: (run.parent / "ckpt.pth").write_bytes(b"\x80\x02garbage" * 10), expect="ckpt.pth"),
+        case("import a pickled module", "import", *IMPORT, prepare=research_checkpoint(lambda: __import__("torch").nn.Linear(2, 2)),
+             expect="ckpt.pth"),
+        case("import another architecture", "import", *IMPORT,
+             prepare=research_checkpoint(lambda: {"conv9.weight": __import__("torch").zeros(3, 3)}), expect="layer conv1"),
+        case("import data unknown", "import", *IMPORT, "--data", "mnist",
+             prepare=research_checkpoint(lambda: {"conv9.weight": __import__("torch").zeros(3, 3)}), expect="mnist"),
+        case("import a list", "import", *IMPORT, prepare=research_checkpoint([1, 2, 3]), expect="ckpt.pth"),
+        case("import over a teacher", "import", *IMPORT[:-1], RUN,
+             prepare=research_checkpoint(lambda: {"conv9.weight": __import__("torch").zeros(3, 3)}), expect="exists"),
         case("verify runs and fails", "verify", *VERIFY, "--localize", prepare=break_lut_and_reseal, code=1,
              expect="verification failed", may_change=("run/exports/verify.json",)),
     ]

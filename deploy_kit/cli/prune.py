@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from deploy_kit.cli import emit, handle_errors, json_option, say
+from deploy_kit.cli import Finite, emit, handle_errors, json_option, say
 from deploy_kit.device import DEVICES
 
 
@@ -20,13 +20,13 @@ from deploy_kit.device import DEVICES
 @click.option("--method", default="ppo", show_default=True,
               help="ppo (the agent) or l1-uniform (the baseline: one keep ratio for every layer).")
 @click.option("--episodes", default=64, show_default=True, help="Configurations the agent evaluates.")
-@click.option("--alpha", default=1.0, show_default=True, help="Reward weight of the val accuracy change.")
-@click.option("--beta", default=0.0, show_default=True, help="Reward weight of the MACs reduction.")
-@click.option("--gamma", default=0.0, show_default=True, help="Reward weight of the predicted latency reduction.")
+@click.option("--alpha", type=Finite(min=0), default=1.0, show_default=True, help="Reward weight of the val accuracy change.")
+@click.option("--beta", type=Finite(min=0), default=0.0, show_default=True, help="Reward weight of the MACs reduction.")
+@click.option("--gamma", type=Finite(min=0), default=0.0, show_default=True, help="Reward weight of the predicted latency reduction.")
 @click.option("--kd-epochs", default=10, show_default=True, help="Distillation epochs (float) from the unpruned teacher.")
 @click.option("--qat-epochs", default=4, show_default=True, help="QAT epochs after distillation.")
-@click.option("--kd-temperature", default=4.0, show_default=True, help="Distillation temperature T.")
-@click.option("--kd-alpha", default=0.7, show_default=True, help="Weight of the KD term (1 − it on the labels' CE).")
+@click.option("--kd-temperature", type=Finite(min=0, min_open=True), default=4.0, show_default=True, help="Distillation temperature T.")
+@click.option("--kd-alpha", type=Finite(0, 1), default=0.7, show_default=True, help="Weight of the KD term (1 − it on the labels' CE).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
               help="Where distillation and QAT run.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
