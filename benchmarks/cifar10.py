@@ -35,7 +35,8 @@ def stage_train(args, run: Path, record: dict) -> None:
         record.setdefault("train", json.loads((run / "teacher.json").read_text()) | {"reused": True})
         return
     cfg = TrainConfig(model=args.model, data=args.data, width=args.width, epochs=args.epochs,
-                      qat_epochs=args.qat_epochs, hflip=args.hflip, crop=args.crop, seed=args.seed, threads=args.threads)
+                      qat_epochs=args.qat_epochs, hflip=args.hflip, crop=args.crop, seed=args.seed, threads=args.threads,
+                      lr=args.lr, optimizer=args.optimizer, weight_decay=args.weight_decay)
     record["train"] = train_teacher(cfg, run)
 
 
@@ -108,6 +109,9 @@ def main() -> None:
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--qat-epochs", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3, help="train --lr")
+    p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"), help="train --optimizer")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="train --weight-decay")
     p.add_argument("--hflip", action="store_true")
     p.add_argument("--crop", type=int, default=0, help="train --crop: per-image random crops (CIFAR-10: 4)")
     p.add_argument("--budget", type=int, default=300)
