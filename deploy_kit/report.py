@@ -345,9 +345,10 @@ def finetune_html(files: RunFiles) -> str:
     if st is None:
         return "\n".join(out + [_note(files.notes.get("finetune", "no fine-tuned student"))])
     a, r = st["accuracy"], st.get("recipe", {})
-    out.append(f"<p>{_e(len(st['epochs']) - 1)} epochs, kept epoch <b>{_e(st['chosen_epoch'])}</b> (best on validation); "
+    out.append(f"<p>{_e(len(st['epochs']) - 1)} epochs, kept epoch <b>{_e(st['chosen_epoch'])}</b> "
+               f"({_e(r.get('selection', 'chosen on validation'))}); "
                f"loss {_e(r.get('kd_weight'))}·KL(T={_e(r.get('temperature'))}) + {_e(r.get('ce_weight'))}·CE + "
-               f"{_e(r.get('at_weight'))}·AT, Adam lr {_e(r.get('lr'))} cosine, seed {_e(r.get('seed'))}, "
+               f"{_e(r.get('at_weight'))}·AT, Adam lr {_e(r.get('lr'))} cosine, weight average {_e(r.get('ema') or 'off')}, seed {_e(r.get('seed'))}, "
                f"{_e(st.get('images_per_s'))} img/s on {_e(st.get('device'))}.</p>")
     rows = [[label, f"{a['teacher'][s]:.2f}", f"{a['before'][s]:.2f}", f"{a['after'][s]:.2f}",
              f"{a['teacher'][s] - a['before'][s]:+.2f}", f"{a['teacher'][s] - a['after'][s]:+.2f}"]

@@ -15,7 +15,8 @@ from deploy_kit import quant
 from deploy_kit.cli import main
 from deploy_kit.data import load_dataset
 from deploy_kit.errors import CheckpointError, ConfigError, OutputExistsError
-from deploy_kit.finetune import FinetuneConfig, TapRecorder, finetune, frozen_student, trainable_student
+from deploy_kit.finetune import (SELECTIONS, FinetuneConfig, TapRecorder, finetune, frozen_student, mcnemar_worse,
+                                 trainable_student)
 from deploy_kit.fsutil import sha256_file, write_json
 from deploy_kit.lut import LayerLUT, LUTActivation
 from deploy_kit.result import content_digest, load_result
@@ -93,13 +94,41 @@ def test_sidecar_and_result_entry(tuned):
     assert meta["layers"] == raw["layers"]
     epochs = meta["epochs"]
     assert [e["epoch"] for e in epochs] == [0, 1, 2, 3] and epochs[0]["loss"] is None
-    best = max(epochs, key=lambda e: (e["val_acc"], e["val_agreement"], -e["val_kl"]))
-    assert meta["chosen_epoch"] == best["epoch"]
-    assert meta["accuracy"]["after"]["val"] == best["val_acc"]
+    p_worse = meta["selection"]["mcnemar_p_last_worse_than_epoch0"]
+    assert meta["selection"]["rule"] == "final" and meta["recipe"]["selection"] == SELECTIONS["final"]
+    assert meta["chosen_epoch"] == (0 if p_worse < 0.05 else 3)  # the last epoch unless measurably worse
+    assert meta["accuracy"]["after"]["val"] == epochs[meta["chosen_epoch"]]["val_acc"]
     assert set(meta["layer_at_distance"]) == {"conv1", "conv2"}
     assert meta["recipe"]["epochs"] == 3 and meta["recipe"]["seed"] == 0 and meta["device"] == "cpu"
     m = raw["student"]["metrics"]
     assert m["acc_drop"] == pytest.approx(m["acc_teacher"] - m["acc_student"], abs=0.011)
+
+
+def test_mcnemar_counts_only_the_images_where_the_two_differ():
+    right = np.ones(100, bool)
+    worse = lambda k: np.r_[np.zeros(k, bool), np.ones(100 - k, bool)]  # noqa: E731
+    assert mcnemar_worse(right, right) == 1.0  # identical: nothing to test
+    assert mcnemar_worse(right, worse(3)) == pytest.approx(1 / 8)  # 3 of 3 against: not yet significant
+    assert mcnemar_worse(right, worse(5)) == pytest.approx(1 / 32)  # 5 of 5: significant at 0.05
+    assert mcnemar_worse(worse(5), right) == 1.0  # better is never "worse"
+    mixed_before, mixed_after = np.array([1, 1, 0, 0], bool), np.array([0, 0, 1, 1], bool)
+    assert mcnemar_worse(mixed_before, mixed_after) == pytest.approx(11 / 16)
+
+
+def test_select_best_keeps_the_best_validation_epoch(lenet_teacher, tmp_path):
+    run = make_run(lenet_teacher, tmp_path / "run")
+    meta = finetune(tiny(run, select="best", ema=0.0, ce_weight=0.0)).meta
+    best = max(meta["epochs"], key=lambda e: (e["val_acc"], e["val_agreement"], -e["val_kl"]))
+    assert meta["chosen_epoch"] == best["epoch"] and meta["recipe"]["selection"] == SELECTIONS["best"]
+    assert meta["accuracy"]["after"]["val"] == best["val_acc"]
+
+
+def test_final_falls_back_to_the_searched_student_when_training_broke_it(lenet_teacher, tmp_path):
+    run = make_run(lenet_teacher, tmp_path / "run")
+    meta = finetune(tiny(run, epochs=1, lr=5.0, ema=0.0)).meta  # a learning rate that wrecks the weights
+    assert meta["epochs"][1]["val_acc"] < meta["epochs"][0]["val_acc"] - 20
+    assert meta["chosen_epoch"] == 0 and meta["selection"]["mcnemar_p_last_worse_than_epoch0"] < 0.05
+    assert meta["accuracy"]["after"]["val"] == meta["epochs"][0]["val_acc"]
 
 
 def test_training_moves_the_student_towards_the_teacher(tuned):

@@ -57,6 +57,34 @@ def test_json_summary_shape(tmp_path):
     assert meta["seed"] == 0 and meta["config"]["max_train"] == 200
 
 
+def test_sgd_with_weight_decay_is_recorded_and_trains(tmp_path):
+    out = tmp_path / "run"
+    result = _train("--model", "lenet5", "--out", str(out), "--epochs", "2", "--qat-epochs", "1", "--max-train", "400",
+                    "--optimizer", "sgd", "--lr", "0.05", "--weight-decay", "5e-4", "--json")
+    assert result.exit_code == 0, result.stderr
+    meta = json.loads((out / SIDECAR_NAME).read_text())
+    assert meta["config"]["optimizer"] == "sgd" and meta["config"]["weight_decay"] == 5e-4
+    assert meta["accuracy"]["float"]["val"] > 30  # two SGD epochs on 400 digits learn something (chance: 10)
+
+
+def test_make_optimizer_builds_what_the_config_names():
+    from deploy_kit.train import make_optimizer
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = make_optimizer(params, "sgd", 0.1, 5e-4)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 5e-4
+    assert isinstance(make_optimizer(params, "adam", 1e-3), torch.optim.Adam)
+
+
+@pytest.mark.parametrize("args, expected", [(["--optimizer", "lbfgs"], "--optimizer"),
+                                            (["--weight-decay", "-1"], "--weight-decay"),
+                                            (["--weight-decay", "nan"], "--weight-decay")])
+def test_bad_optimizer_options_are_one_line(tmp_path, args, expected):
+    result = _train("--out", str(tmp_path / "run"), *args)
+    assert result.exit_code == 2 and expected in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_human_output_without_json(lenet_teacher, tmp_path):
     out = tmp_path / "run"
     result = _train("--out", str(out), "--epochs", "0", "--qat-epochs", "1", "--max-train", "64")

@@ -23,9 +23,9 @@ from exporters.onnx_to_tf import LUT_FORMS
 @click.option("--qat-epochs", default=8, show_default=True, type=click.IntRange(max=100_000), help="Quantization-aware fine-tuning epochs.")
 @click.option("--episodes", default=600, show_default=True, type=click.IntRange(max=10_000_000),
               help="Search budget (reward evaluations); twice `search`'s default, for a lower-KL configuration.")
-@click.option("--finetune-epochs", default=15, show_default=True, type=click.IntRange(min=0),
+@click.option("--finetune-epochs", default=40, show_default=True, type=click.IntRange(min=0),
               help="Fine-tuning epochs with the LUTs in place (`deploykit finetune`); 0 skips the stage.")
-@click.option("--finetune-ema", default=0.0, show_default=True, type=Finite(0, 1, max_open=True),
+@click.option("--finetune-ema", default=0.999, show_default=True, type=Finite(0, 1, max_open=True),
               help="`finetune --ema`: keep a moving average of the weights (per-step decay; 0 = off).")
 @click.option("--lut-form", default="saturate", show_default=True, type=click.Choice(LUT_FORMS),
               help="How the TFLite export lowers each LUT; saturate, the default, is the fast one in LiteRT "
