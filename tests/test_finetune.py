@@ -186,6 +186,9 @@ def test_research_on_the_students_weights_then_finetune_continues_from_them(tune
     assert (copy / "search_log.round2.jsonl").is_file()
     base = again.result.search["base_student"]
     assert base["path"] == "student.json" and base["weights_sha256"] == first.meta["weights_sha256"]
+    # the ceiling of every layer is the one the first round searched under, not re-derived
+    assert base["tmax"] == "kept from the base result"
+    assert {n: l.tmax for n, l in again.result.layers.items()} == {n: CODES["tmax_code"] for n in again.result.layers}
     second = finetune(FinetuneConfig(result_path=copy / "round2.json", out=copy / "round2", epochs=1, max_train=400,
                                      ce_weight=0.0, device="cpu"))
     assert second.meta["init"] == {"student": "../student.json", "weights_sha256": first.meta["weights_sha256"]}

@@ -29,7 +29,8 @@ def _layer_list(_ctx, _param, value):
                    "or search_log.NAME.jsonl for NAME.json).")
 @click.option("--from-student", type=click.Path(path_type=Path), default=None,
               help="Re-search the codes for the fine-tuned student this result.json names (reward still against "
-                   "the teacher); `deploykit finetune` on the new result then starts from that student.")
+                   "the teacher), keeping each layer's tmax from that result unless --tmax-fixed; `deploykit "
+                   "finetune` on the new result then starts from that student.")
 @click.option("--layers", callback=_layer_list, default=None,
               help="Comma-separated layers to approximate (default: all); the others keep their ReLU.")
 @click.option("--max-acc-drop", default=1.0, show_default=True, type=Finite(0, 100),

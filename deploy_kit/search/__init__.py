@@ -27,7 +27,7 @@ from deploy_kit.data import Dataset, Split, load_dataset, normalize
 from deploy_kit.device import check_device_name, resolve_device
 from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import atomic_path, check_writable, write_json
-from deploy_kit.result import SearchResult
+from deploy_kit.result import SearchResult, load_result
 from deploy_kit.search.baselines import greedy_search, random_search
 from deploy_kit.search.ppo import PPOConfig, ppo_search
 from deploy_kit.search.reward import RewardConfig, RewardModel
@@ -151,7 +151,14 @@ def run_search(teacher_path: Path, cfg: SearchConfig, out: Path | None = None, f
     torch.manual_seed(cfg.seed)
     quant = {n: teacher.layer_quant[n] for n in layers}
     x, _ = _train_images(ds, cfg.state_images, cfg.seed)
-    states = list(layer_states((base or teacher).model, layers, quant, x, cfg.tmax, cfg.space).values())
+    # A re-search keeps each layer's tmax: the ceiling decides which codes the staircase covers, and
+    # re-deriving it from the fine-tuned activations (wider: LeNet5 conv1 67 → 96, fc2 112 → 217)
+    # made the staircase cover more and the re-searched student worse (benchmarks/cifar10.md).
+    keep_tmax = ({n: lut.tmax for n, lut in load_result(Path(from_student)).layers.items()}
+                 if base is not None and cfg.tmax.fixed is None else None)
+    states = list(layer_states((base or teacher).model, layers, quant, x, cfg.tmax, cfg.space, keep_tmax).values())
+    if base_record is not None:
+        base_record = {**base_record, "tmax": "kept from the base result" if keep_tmax else "--tmax-fixed"}
     xr, yr = _train_images(ds, cfg.reward.images, cfg.seed)
     reward = RewardModel(teacher.model, quant, layers, xr, yr, cfg.reward, device,
                          base_model=base.model if base else None)
@@ -175,7 +182,6 @@ def _base_student(from_student: Path | None, teacher: Teacher, out: Path) -> tup
     """The fine-tuned student a re-search starts from, and its record for result.json."""
     if from_student is None:
         return None, None
-    from deploy_kit.result import load_result
     from deploy_kit.student import SIDECAR_NAME as STUDENT_SIDECAR, load_student, relative
 
     previous = load_result(Path(from_student))

@@ -141,11 +141,12 @@ def state_features(hist: np.ndarray, quant: ActivationQuant, depth: float, tmax:
 
 
 def layer_states(model: ZooModel, layers: list[str], quant: dict[str, ActivationQuant], x: torch.Tensor,
-                 rule: TmaxRule, space: CodeSpace) -> "OrderedDict[str, LayerState]":
-    """Everything the search needs per layer, from one pass of the teacher over `x`."""
+                 rule: TmaxRule, space: CodeSpace, keep_tmax: dict[str, int] | None = None) -> "OrderedDict[str, LayerState]":
+    """Everything the search needs per layer, from one pass of the teacher over `x`. `keep_tmax`
+    fixes a layer's ceiling instead of the rule (a re-search keeps the one it started from)."""
     all_taps = list(model.taps())
     hists = code_histograms(model, layers, quant, x)
-    tmax = {n: rule.apply(hists[n], quant[n]) for n in layers}
+    tmax = {n: (keep_tmax or {}).get(n, rule.apply(hists[n], quant[n])) for n in layers}
     for n, t in tmax.items():
         if t > quant[n].qmax:
             raise ConfigError(f"layer {n}: tmax={t} is above the layer's qmax={quant[n].qmax}; lower --tmax-fixed")
