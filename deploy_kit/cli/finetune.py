@@ -15,7 +15,7 @@ from deploy_kit.device import DEVICES
               help="result.json written by `deploykit search` (the LUT codes to train with).")
 @click.option("--teacher", "teacher_path", type=click.Path(path_type=Path), default=None,
               help="Teacher run folder; default: the `teacher.path` recorded in result.json.")
-@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1, 100_000),
+@click.option("--epochs", default=60, show_default=True, type=click.IntRange(1, 100_000),
               help="Training epochs (cosine schedule to 0).")
 @click.option("--lr", default=1e-3, show_default=True, type=Finite(min=0, min_open=True),
               help="Peak Adam learning rate (cosine decay to 0).")
@@ -60,7 +60,7 @@ def command(result_path, teacher_path, epochs, lr, batch_size, temperature, kd_w
     \b
     Example:
       deploykit finetune --config runs/lenet5/result.json
-      deploykit finetune --config runs/lenet5/result.json --epochs 25 --force
+      deploykit finetune --config runs/vgg16/result.json --epochs 8 --lr 3e-4 --force
     """
     from deploy_kit.finetune import FinetuneConfig, finetune
 
