@@ -143,11 +143,11 @@ def _quantized_images(it, x_nchw):
 
 
 def _test_images(folder, count=32):
-    from deploy_kit import runners as rn
     from deploy_kit.data import load_dataset, normalize
+    from exporters.manifest import load_manifest, load_manifest_teacher
 
-    manifest = rn.load_manifest(folder)
-    teacher = rn.load_manifest_teacher(manifest, folder)
+    manifest = load_manifest(folder)
+    teacher = load_manifest_teacher(manifest, folder)
     test = load_dataset(manifest["data"], seed=int(manifest.get("seed", 0))).split("test")
     pick = np.sort(np.random.default_rng(0).choice(len(test), size=min(count, len(test)), replace=False))
     return manifest, normalize(test.images[pick], teacher.norm)

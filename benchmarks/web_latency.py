@@ -54,7 +54,7 @@ def test_images(exports: Path, count: int, folder: Path) -> list[Path]:
     """The first `count` images of the split `verify` scores, as PNG files."""
     from PIL import Image
 
-    from deploy_kit.runners import load_manifest, load_manifest_teacher
+    from exporters.manifest import load_manifest, load_manifest_teacher
     from deploy_kit.verify import VerifyConfig, load_split
 
     manifest = load_manifest(exports)

@@ -22,11 +22,8 @@ on zeros, where every branch goes the same way).
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -36,8 +33,10 @@ import numpy as np
 
 from deploy_kit import runners as rn
 from deploy_kit.data import load_dataset, normalize
-from deploy_kit.errors import ConfigError, ExportError
+from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import atomic_path, write_json
+from exporters import manifest as mf
+from exporters.registry import BENCH, RUNTIMES
 
 BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
 FLOAT_VARIANT = "float"  # the teacher without quantization, built for bench only (not an export)
@@ -135,31 +134,21 @@ def throughput(runner, x32: np.ndarray, repeats: int) -> float:
     return round(len(x32) * repeats / (time.perf_counter() - start), 1)
 
 
-RUNTIME_MODULES = {"onnxruntime": "onnxruntime", "litert": "ai_edge_litert.interpreter",
-                   "litert-builtin": "ai_edge_litert.interpreter", "tflite_runtime": "tflite_runtime.interpreter"}
-# Bench also times LiteRT without its default XNNPACK delegate: XNNPACK takes neither LESS nor
-# SELECT_V2, so the LUT's cost there is mostly the graph falling back to builtin kernels.
-EXTRA_RUNTIMES = {"litert": ("litert-builtin",)}
-
-
-def bench_runtimes(art: rn.Artifact) -> list[str]:
-    return [*rn.runtimes_for(art), *EXTRA_RUNTIMES.get(art.runtime, ())]
-
-
-def _artifact(entry: dict, exports: Path) -> rn.Artifact:
+def _artifact(entry: dict, exports: Path) -> mf.Artifact:
     """A manifest entry, checked like every manifest path; the float baseline is bench's own
     file in its temporary folder (absolute path, no manifest hash), made by `float_artifact`."""
     if entry.get("variant") == FLOAT_VARIANT:
-        return rn.Artifact("onnx", FLOAT_VARIANT, Path(entry["path"]), "onnxruntime", "", entry["bytes"], entry)
-    return rn.artifacts({"artifacts": [entry]}, exports)[0]
+        return mf.Artifact("onnx", FLOAT_VARIANT, Path(entry["path"]), "onnxruntime", "", entry["bytes"], entry)
+    return mf.artifacts({"artifacts": [entry]}, exports)[0]
 
 
 def measure(entry: dict, exports: Path, runtime: str, cfg: BenchConfig, x32: np.ndarray) -> dict:
-    """Load one artifact and time it, in this process. The runtime is imported before the
-    memory baseline: its code is shared by every model, the model's own cost is what we report."""
+    """Load one artifact and time it, in this process (bench_artifact's fresh worker). The
+    runtime is imported before the memory baseline: its code is shared by every model, the
+    model's own cost is what we report."""
     import importlib
 
-    importlib.import_module(RUNTIME_MODULES.get(runtime, "numpy"))
+    importlib.import_module(RUNTIMES[runtime].module)
     with PeakRSS() as mem:
         runner = rn.make_runner(_artifact(entry, exports), exports, runtime=runtime, threads=cfg.threads,
                                 batch_size=THROUGHPUT_BATCH, isolate=False)  # this worker is the fresh process
@@ -169,15 +158,13 @@ def measure(entry: dict, exports: Path, runtime: str, cfg: BenchConfig, x32: np.
             "peak_rss_mb": mem.mb}
 
 
-def bench_artifact(art: rn.Artifact, runtime: str, exports: Path, cfg: BenchConfig, inputs: Path) -> BenchRow:
-    """`measure` in a fresh interpreter (`python -m deploy_kit.bench JOB_JSON`)."""
-    job = {"entry": art.entry, "exports": str(exports), "runtime": runtime, "inputs": str(inputs),
+def bench_artifact(art: mf.Artifact, runtime: str, exports: Path, cfg: BenchConfig, x32: np.ndarray) -> BenchRow:
+    """`measure` in a fresh interpreter (deploy_kit/worker.py, the one isolated runners use)."""
+    from deploy_kit import worker
+
+    job = {"op": "bench", "entry": art.entry, "exports": str(exports), "runtime": runtime,
            "config": {k: v for k, v in asdict(cfg).items() if k != "exports"}}
-    done = subprocess.run([sys.executable, "-m", "deploy_kit.bench", json.dumps(job)], capture_output=True, text=True)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ExportError(f"{art.relpath} could not be run in {runtime}: {last}")
-    m = json.loads(done.stdout.strip().splitlines()[-1])
+    m, _ = worker.call(job, {"x": x32}, failure=f"{art.relpath} could not be run in {runtime}")
     name = "float.onnx (not exported)" if art.variant == FLOAT_VARIANT else art.relpath
     return BenchRow(m["runtime"], art.target, art.variant, name, art.path.stat().st_size,
                     m["latency_ms_p50"], m["latency_ms_p90"], m["throughput_ips"], m["peak_rss_mb"])
@@ -194,14 +181,7 @@ def median_row(runs: list[BenchRow]) -> BenchRow:
                     med("latency_ms_p90"), med("throughput_ips"), med("peak_rss_mb"))
 
 
-def _worker(job_json: str) -> None:
-    job = json.loads(job_json)
-    cfg = BenchConfig(exports=Path(job["exports"]), **job["config"])
-    x32 = np.load(job["inputs"], allow_pickle=False)
-    print(json.dumps(measure(job["entry"], Path(job["exports"]), job["runtime"], cfg, x32)))
-
-
-def float_artifact(teacher, folder: Path) -> rn.Artifact:
+def float_artifact(teacher, folder: Path) -> mf.Artifact:
     """The teacher entirely in float as ONNX (exporters.onnx_graph.float_graph), in `folder`:
     the baseline the INT8 exports' latency and size are compared with."""
     from exporters import onnx_graph
@@ -210,7 +190,7 @@ def float_artifact(teacher, folder: Path) -> rn.Artifact:
     onnx_graph.save(onnx_graph.float_graph(teacher), path)
     entry = {"target": "onnx", "variant": FLOAT_VARIANT, "path": str(path.resolve()), "runtime": "onnxruntime",
              "sha256": "", "bytes": path.stat().st_size}
-    return rn.Artifact("onnx", FLOAT_VARIANT, path, "onnxruntime", "", entry["bytes"], entry)
+    return mf.Artifact("onnx", FLOAT_VARIANT, path, "onnxruntime", "", entry["bytes"], entry)
 
 
 # ----------------------------------------------------------------------------- ratios and rendering
@@ -277,18 +257,16 @@ def bench_exports(cfg: BenchConfig, progress: bool = True) -> dict:
     from deploy_kit.verify import ordered
 
     exports = Path(cfg.exports)
-    manifest = rn.load_manifest(exports)
-    items = ordered(rn.check_exports(manifest, exports))
-    teacher = rn.load_manifest_teacher(manifest, exports)
+    manifest = mf.load_manifest(exports)
+    items = ordered(mf.check_exports(manifest, exports))
+    teacher = mf.load_manifest_teacher(manifest, exports)
     test = load_dataset(manifest.get("data") or teacher.meta["data"], seed=int(manifest.get("seed", 0))).split("test")
     pick = np.random.default_rng(cfg.seed).choice(len(test), size=min(THROUGHPUT_BATCH, len(test)), replace=False)
     x32 = normalize(test.images[np.sort(pick)], teacher.norm)
     x32 = np.concatenate([x32] * -(-THROUGHPUT_BATCH // len(x32)))[:THROUGHPUT_BATCH]
 
-    jobs = [(a, runtime) for a in items for runtime in bench_runtimes(a)]
+    jobs = [(a, runtime) for a in items for runtime in rn.runtimes_for(a, BENCH)]
     with tempfile.TemporaryDirectory(prefix="deploykit-bench-") as tmp:
-        inputs = Path(tmp) / "x32.npy"
-        np.save(inputs, x32)
         if cfg.float_baseline:
             jobs.append((float_artifact(teacher, Path(tmp)), "onnxruntime"))
         # Rounds interleave the artifacts, so a burst of load on a shared machine hits all of
@@ -297,7 +275,7 @@ def bench_exports(cfg: BenchConfig, progress: bool = True) -> dict:
         runs: list[list[BenchRow]] = [[] for _ in jobs]
         for _ in range(cfg.rounds):
             for i, (art, runtime) in enumerate(jobs):
-                runs[i].append(bench_artifact(art, runtime, exports, cfg, inputs))
+                runs[i].append(bench_artifact(art, runtime, exports, cfg, x32))
                 bar.update()
         bar.close()
         rows = [median_row(r) for r in runs]
@@ -311,6 +289,3 @@ def bench_exports(cfg: BenchConfig, progress: bool = True) -> dict:
         tmp.write_text(markdown(report))
     return report
 
-
-if __name__ == "__main__":
-    _worker(sys.argv[1])

@@ -1,6 +1,8 @@
-"""One runner per runtime, shared by `verify` and `bench`.
+"""One runner per runtime, shared by `verify` and `bench`: this module only runs models.
 
-Every runner takes what every model in deploykit takes — `data.normalize(uint8 NHWC)`, float32
+Which runtimes exist, which artifacts each loads, and which must run in a process of their own
+is the runtime table (exporters/registry.py: RUNTIMES); reading and checking the manifest is
+exporters/manifest.py's job. Every runner follows one protocol (`Runner`) and takes what every model in deploykit takes — `data.normalize(uint8 NHWC)`, float32
 NCHW — and returns float32 logits (N × classes). Layout (NHWC for TFLite), int8 input
 quantization and output dequantization are the runner's business, read from the model's own
 tensor details, never from assumptions about the exporter.
@@ -14,19 +16,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from deploy_kit.errors import ConfigError, ExportError
-from deploy_kit.fsutil import read_json, sha256_file
 from deploy_kit.native_log import native_stderr_silenced
+from exporters.manifest import Artifact, artifacts
+from exporters.registry import VERIFY, runtime as runtime_spec, runtimes_loading
 
 if TYPE_CHECKING:  # deploy_kit.lut imports torch; the ORT/LiteRT runners must not pay for it
     from deploy_kit.lut import ActivationQuant, LayerLUT
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_SCHEMA = "deploykit-manifest/1"
 DEFAULT_BATCH = 256
 
 
@@ -41,6 +42,21 @@ class LayerCodes:
 def to_codes(values: np.ndarray, quant: ActivationQuant) -> np.ndarray:
     """Float activations on (or near) the teacher's grid → integer codes."""
     return np.rint(np.asarray(values, np.float64) / quant.scale).astype(np.int64) + quant.zero_point
+
+
+class Runner(Protocol):
+    """What verify and bench call. `name` labels the row, `artifact` is the file's name, `bytes`
+    its size. `tap_codes` returns, for each of `layers` it can find, the codes entering and
+    leaving that layer's LUT in the teacher's code domain (`layer_quant`)."""
+
+    name: str
+    artifact: str
+    bytes: int
+
+    def predict(self, x: np.ndarray) -> np.ndarray: ...
+
+    def tap_codes(self, x: np.ndarray, layers: list[str],
+                  layer_quant: dict[str, ActivationQuant]) -> dict[str, LayerCodes]: ...
 
 
 def _batches(n: int, size: int):
@@ -65,9 +81,8 @@ class _TorchRunner:
 
     batch_size = 512  # larger batches amortize torch's per-op overhead; memory stays modest
 
-    def __init__(self, model, name: str, artifact: str, nbytes: int, layer_quant: dict[str, ActivationQuant]):
+    def __init__(self, model, name: str, artifact: str, nbytes: int):
         self.model, self.name, self.artifact, self.bytes = model.eval(), name, artifact, nbytes
-        self.layer_quant = layer_quant
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         import torch
@@ -78,13 +93,15 @@ class _TorchRunner:
                 outs.append(self.model(torch.from_numpy(np.ascontiguousarray(x[b], np.float32))).numpy())
         return np.concatenate(outs).astype(np.float32)
 
-    def tap_codes(self, x: np.ndarray, layers: list[str]) -> dict[str, LayerCodes]:
+    def tap_codes(self, x: np.ndarray, layers: list[str],
+                  layer_quant: dict[str, ActivationQuant]) -> dict[str, LayerCodes]:
         import torch
 
         seen: dict[str, list] = {n: [] for n in layers}
         taps = self.model.taps()
         hooks = [taps[n].register_forward_hook(
-                     lambda m, i, o, n=n: seen[n].append((self._codes(n, i[0]), self._codes(n, o))))
+                     lambda m, i, o, n=n: seen[n].append((self._codes(i[0], layer_quant[n]),
+                                                          self._codes(o, layer_quant[n]))))
                  for n in layers if n in taps]
         try:
             with torch.inference_mode():
@@ -95,8 +112,8 @@ class _TorchRunner:
                 h.remove()
         return _stack(seen)
 
-    def _codes(self, layer: str, out) -> np.ndarray:
-        return to_codes(out.numpy(), self.layer_quant[layer])
+    def _codes(self, out, quant: ActivationQuant) -> np.ndarray:
+        return to_codes(out.numpy(), quant)
 
 
 class TeacherRunner(_TorchRunner):
@@ -105,7 +122,7 @@ class TeacherRunner(_TorchRunner):
 
     def __init__(self, teacher):
         super().__init__(teacher.model, "pytorch-teacher", teacher.weights_path.name,
-                         _file_bytes(teacher.weights_path), teacher.layer_quant)
+                         _file_bytes(teacher.weights_path))
 
 
 class StudentRunner(_TorchRunner):
@@ -115,7 +132,7 @@ class StudentRunner(_TorchRunner):
     def __init__(self, teacher, luts: dict[str, LayerLUT]):
         name = "pytorch-student (fine-tuned)" if "student" in teacher.meta else "pytorch-student"
         super().__init__(teacher.student(luts), name, f"{teacher.weights_path.name}+LUT",
-                         _file_bytes(teacher.weights_path), teacher.layer_quant)
+                         _file_bytes(teacher.weights_path))
 
 
 class Int8TeacherRunner(_TorchRunner):
@@ -126,11 +143,11 @@ class Int8TeacherRunner(_TorchRunner):
 
         backend = backend or teacher.meta.get("backend", "qnnpack")
         super().__init__(quant.convert_int8(teacher.model, backend), f"pytorch-int8 ({backend})",
-                         teacher.weights_path.name, _file_bytes(teacher.weights_path), teacher.layer_quant)
+                         teacher.weights_path.name, _file_bytes(teacher.weights_path))
 
-    def _codes(self, layer: str, out) -> np.ndarray:
+    def _codes(self, out, quant: ActivationQuant) -> np.ndarray:
         # quantized tensors: report them in the teacher's code domain like the others
-        return to_codes(out.dequantize().numpy(), self.layer_quant[layer])
+        return to_codes(out.dequantize().numpy(), quant)
 
 
 # ----------------------------------------------------------------------------- onnxruntime
@@ -187,6 +204,12 @@ class OrtRunner:
         self.input_name = inp.name
         dynamic = not isinstance(inp.shape[0], int)
         self.batch_size = batch_size if dynamic else inp.shape[0]
+
+    @classmethod
+    def for_artifact(cls, art: Artifact, name: str, threads: int | None, batch_size: int, **options) -> OrtRunner:
+        """With the session options the exporter recorded for this file (exporters/ort.py), and
+        the runtime table's own on top (`options`: session settings, as `_ort_options` reads them)."""
+        return cls(art.path, name, {**art.entry.get("session_options", {}), **options}, threads, batch_size)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         outs = [self.session.run(None, {self.input_name: np.ascontiguousarray(x[b], np.float32)})[0]
@@ -285,6 +308,11 @@ class LiteRTRunner:
         self.batch_size = batch_size if dynamic else int(self.base_shape[0])
         self._allocated_batch = None
 
+    @classmethod
+    def for_artifact(cls, art: Artifact, name: str, threads: int | None, batch_size: int,
+                     **options) -> LiteRTRunner:
+        return cls(art.path, name, threads, batch_size, **options)
+
     def _ensure_batch(self, n: int) -> None:
         if self._allocated_batch != n:
             if n != self.base_shape[0] or self._allocated_batch is not None:
@@ -333,7 +361,8 @@ class LiteRTRunner:
 class TFLiteRuntimeRunner(LiteRTRunner):
     """The same `.tflite` in `tflite_runtime`, the interpreter many embedded Linux images ship.
     Optional (`pip install -e '.[tflite-runtime]'`, which also pins numpy < 2: its last release,
-    2.14, is built against numpy 1.x). `make_runner` wraps it in an `IsolatedRunner`."""
+    2.14, is built against numpy 1.x). The runtime table marks it isolated: `make_runner` wraps it
+    in an `IsolatedRunner`."""
 
     module = "tflite_runtime.interpreter"
 
@@ -357,277 +386,60 @@ def tflite_runtime_status() -> tuple[bool, str | None]:
     return True, None
 
 
-def tflite_runtime_available() -> bool:
-    return tflite_runtime_status()[0]
-
+# ----------------------------------------------------------------------------- a runner in a process of its own
 
 class IsolatedRunner:
-    """A runner in a Python process of its own (`python -m deploy_kit.runners JOB_JSON`), with
-    arrays passed through a temporary .npz.
+    """Any runner in a fresh Python process (deploy_kit/worker.py), for a runtime the table marks
+    `isolated`: arrays travel through a temporary .npz. `predict_seconds` is the worker's own
+    time, so images/s does not count the process start."""
 
-    Why: tflite_runtime and TensorFlow/LiteRT carry the same TFLite C++ symbols, and the copy
-    loaded first wins. After TensorFlow is imported (`deploykit demo` exports, then verifies, in
-    one process) tflite_runtime 2.14 cannot read a model ('vector::reserve'); alone in a fresh
-    process it runs as on a device. `predict_seconds` is the worker's own time, so images/s
-    does not count the process start."""
-
-    def __init__(self, art: "Artifact", exports_dir: Path, runtime: str, label: str, threads: int | None,
+    def __init__(self, art: Artifact, exports_dir: Path, runtime: str, label: str, threads: int | None,
                  batch_size: int):
-        self.job = {"entry": art.entry, "exports": str(exports_dir), "runtime": runtime, "label": label,
-                    "threads": threads, "batch_size": batch_size}
+        self.job = {"entry": art.entry, "exports": str(exports_dir), "runtime": runtime, "threads": threads,
+                    "batch_size": batch_size}
         self.name, self.artifact, self.bytes = label, art.path.name, _file_bytes(art.path)
         self.predict_seconds: float | None = None
 
-    def _run(self, arrays: dict[str, np.ndarray], **job) -> dict[str, np.ndarray]:
-        import json
-        import subprocess
-        import sys
-        import tempfile
+    def _run(self, op: str, x: np.ndarray, **job) -> tuple[dict, dict[str, np.ndarray]]:
+        from deploy_kit import worker
 
-        with tempfile.TemporaryDirectory(prefix="deploykit-runner-") as tmp:
-            np.savez(Path(tmp) / "in.npz", **arrays)
-            done = subprocess.run([sys.executable, "-m", "deploy_kit.runners", json.dumps({**self.job, **job, "dir": tmp})],
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()] or ["no output"]
-                raise ExportError(f"{self.name} failed on {self.artifact}: {lines[-1][:300]}")
-            with np.load(Path(tmp) / "out.npz", allow_pickle=False) as out:
-                return dict(out)
+        return worker.call({**self.job, **job, "op": op}, {"x": x}, failure=f"{self.name} failed on {self.artifact}")
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        out = self._run({"x": x}, op="predict")
-        self.predict_seconds = float(out["seconds"])
+        meta, out = self._run("predict", x)
+        self.predict_seconds = meta["seconds"]
         return out["logits"]
 
-    def tap_codes(self, x: np.ndarray, layers: list[str], layer_quant: dict[str, ActivationQuant]) -> dict[str, LayerCodes]:
-        out = self._run({"x": x}, op="tap_codes", layers=layers,
-                        layer_quant={n: q.to_dict() for n, q in layer_quant.items() if n in layers})
+    def tap_codes(self, x: np.ndarray, layers: list[str],
+                  layer_quant: dict[str, ActivationQuant]) -> dict[str, LayerCodes]:
+        _, out = self._run("tap_codes", x, layers=layers,
+                           layer_quant={n: q.to_dict() for n, q in layer_quant.items() if n in layers})
         return {n: LayerCodes(out[f"{n}/before"], out[f"{n}/after"]) for n in layers if f"{n}/after" in out}
 
 
-def _worker(job_json: str) -> None:
-    """The other end of IsolatedRunner: the in-process runner, on the job's arrays."""
-    import json
-    import time
+# ----------------------------------------------------------------------------- the runtime table → runners
 
-    job = json.loads(job_json)
-    folder = Path(job["dir"])
-    art = artifacts({"artifacts": [job["entry"]]}, Path(job["exports"]))[0]
-    runner = _in_process_runner(art, job["runtime"], job["label"], job["threads"], job["batch_size"])
-    with np.load(folder / "in.npz", allow_pickle=False) as arrays:
-        x = arrays["x"]
-    if job["op"] == "predict":
-        start = time.perf_counter()
-        logits = runner.predict(x)
-        np.savez(folder / "out.npz", logits=logits, seconds=np.float64(time.perf_counter() - start))
-        return
-    from deploy_kit.lut import ActivationQuant  # (imports torch: only for --localize)
-
-    quant = {n: ActivationQuant.from_dict(d) for n, d in job["layer_quant"].items()}
-    codes = runner.tap_codes(x, job["layers"], quant)
-    np.savez(folder / "out.npz", **{f"{n}/{k}": getattr(c, k) for n, c in codes.items() for k in ("before", "after")})
-
-
-# ----------------------------------------------------------------------------- manifest → runners
-
-@dataclass(frozen=True)
-class Artifact:
-    """One manifest entry, resolved against the exports folder."""
-
-    target: str
-    variant: str
-    path: Path
-    runtime: str
-    sha256: str
-    bytes: int
-    entry: dict
-
-    @property
-    def relpath(self) -> str:
-        return self.entry["path"]
-
-
-def load_manifest(exports_dir: Path) -> dict:
-    """manifest.json, sealed and typed: its own digest (`content_sha256`) is checked first, so an
-    edited code, hash or path is refused before any value is used; then deploy_kit/schema.py's
-    `Manifest` types every key (paths relative and inside the exports folder)."""
-    from deploy_kit.schema import Manifest, parse
-    from exporters.manifest import content_digest
-
-    path = Path(exports_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise ConfigError(f"{path}: no manifest; pass the folder written by `deploykit export` (it holds {MANIFEST_NAME})")
-    fix = "; re-run `deploykit export --force`"
-    manifest = read_json(path, ConfigError, fix=fix)
-    if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA:
-        found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ConfigError(f"{path}: expected schema {MANIFEST_SCHEMA}, found {found!r}")
-    recorded = manifest.get("content_sha256")
-    if not isinstance(recorded, str):
-        raise ConfigError(f"{path}: no content_sha256 (exported before manifests were sealed, or removed){fix}")
-    if content_digest(manifest) != recorded:
-        raise ExportError(f"{path}: its content does not match its content_sha256 {recorded[:12]}…; the manifest was "
-                          f"edited after export{fix}")
-    parse(manifest, Manifest, str(path), ConfigError, fix)
-    return manifest
-
-
-def _confined(exports_dir: Path, rel: str, what: str) -> Path:
-    """`rel` resolved inside the exports folder; a symlink or path leading out of it is refused."""
-    folder = Path(exports_dir).resolve()
-    path = (folder / rel).resolve()
-    if not path.is_relative_to(folder):
-        raise ConfigError(f"{MANIFEST_NAME}: {what} {rel!r} leads outside {exports_dir}; every exported file "
-                          "lives in the exports folder — re-run `deploykit export --force`")
-    return Path(exports_dir) / rel
-
-
-def artifacts(manifest: dict, exports_dir: Path) -> list[Artifact]:
-    from deploy_kit.schema import Artifact as ArtifactSchema, parse
-
-    out = []
-    for i, e in enumerate(manifest["artifacts"]):
-        a = parse(e, ArtifactSchema, f"{MANIFEST_NAME}: artifact #{i}", ConfigError)
-        path = _confined(exports_dir, a.path, f"artifact #{i} path")
-        out.append(Artifact(a.target, a.variant, path, a.runtime, a.sha256, a.bytes, e))
-    return out
-
-
-def _check_file(path: Path, sha256: str, what: str) -> None:
-    if not path.is_file():
-        raise ExportError(f"{path}: missing; the manifest lists it ({what}) — re-run `deploykit export`")
-    digest = sha256_file(path)
-    if digest != sha256:
-        raise ExportError(f"{path}: sha256 {digest[:12]}… does not match the manifest's {sha256[:12]}…; "
-                          "the file changed after export — re-run `deploykit export --force`")
-
-
-def check_hashes(items: list[Artifact]) -> None:
-    """Every artifact must be the file the exporter wrote: a changed file is an error."""
-    for a in items:
-        _check_file(a.path, a.sha256, f"{a.target}/{a.variant}")
-
-
-def check_exports(manifest: dict, exports_dir: Path) -> list[Artifact]:
-    """Everything the manifest vouches for, before anything runs: every file of the exports folder
-    (the operator configs too), each artifact, and the result.json and teacher.json it was
-    exported from (their sha256). Returns the artifacts."""
-    for i, f in enumerate(manifest["files"]):
-        _check_file(_confined(exports_dir, f["path"], f"files #{i} path"), f["sha256"], "files")
-    items = artifacts(manifest, exports_dir)
-    check_hashes(items)
-    for key in ("result", "teacher"):
-        ref = manifest[key]
-        sha = ref["sha256"] if key == "result" else ref["sidecar_sha256"]
-        _check_source(Path(exports_dir) / ref["path"], sha, key)
-    _check_layers(manifest, exports_dir)
-    return items
-
-
-def _check_layers(manifest: dict, exports_dir: Path) -> None:
-    """The codes the manifest records (what verify's student uses) must be the result.json's."""
-    from deploy_kit.result import load_result
-
-    result = load_result(Path(exports_dir) / manifest["result"]["path"])
-    recorded = {n: lut.to_json() for n, lut in result.layers.items()}
-    exported = {n: {k: e[k] for k in next(iter(recorded.values()))} for n, e in manifest["layers"].items()}
-    if recorded != exported:
-        raise ExportError(f"{MANIFEST_NAME}: its LUT codes differ from {manifest['result']['path']}'s; the exports "
-                          "were not made from this result.json — re-run `deploykit export --force`")
-
-
-def _check_source(path: Path, sha256: str, key: str) -> None:
-    name = {"result": "result.json", "teacher": "teacher.json"}[key]
-    if path.name != name and not (key == "result" and path.suffix == ".json"):
-        raise ConfigError(f"{MANIFEST_NAME}: {key}.path {path.name!r} is not a {name}; re-run `deploykit export --force`")
-    if not path.is_file() or sha256_file(path) != sha256:
-        raise ExportError(f"{path}: missing or changed since export (its sha256 is not the manifest's "
-                          f"{key}.sha256); the exports no longer match their {name} — re-run `deploykit export --force`")
-
-
-def runtimes_for(artifact: Artifact) -> list[str]:
-    """The runtimes that load this artifact: the manifest's, plus tflite_runtime for a .tflite
-    file when it is installed."""
-    names = [artifact.runtime]
-    if artifact.runtime == "litert" and tflite_runtime_available():
-        names.append("tflite_runtime")
-    return names
+def runtimes_for(art: Artifact, use: str = VERIFY) -> list[str]:
+    """The usable runtimes that run this artifact for `use` (verify or bench), the one the
+    manifest records first."""
+    runtime_spec(art.runtime, f"{art.relpath}: ")
+    names = [r.name for r in runtimes_loading(art.target, use)]
+    return sorted(names, key=lambda n: n != art.runtime)
 
 
 def make_runner(entry: dict | Artifact, exports_dir: Path, runtime: str | None = None, threads: int | None = None,
-                batch_size: int = DEFAULT_BATCH, isolate: bool = True):
-    """A runner for one manifest artifact entry (or a resolved `Artifact`). tflite_runtime runs in
-    a process of its own (`IsolatedRunner`) unless `isolate=False` — for a caller that already
-    is a fresh process holding only that runtime (bench's workers)."""
+                batch_size: int = DEFAULT_BATCH, isolate: bool = True) -> Runner:
+    """A runner for one manifest artifact entry (or a resolved `Artifact`) in `runtime` (default:
+    the manifest's). A runtime the table marks isolated runs in a process of its own unless
+    `isolate=False` — for a caller that already is that fresh process (deploy_kit/worker.py)."""
     art = entry if isinstance(entry, Artifact) else artifacts({"artifacts": [entry]}, exports_dir)[0]
-    runtime = runtime or art.runtime
-    label = runtime if art.target in ("onnx", "tflite") else f"{runtime} ({art.target})"
-    if runtime == "tflite_runtime" and isolate:
-        return IsolatedRunner(art, Path(exports_dir), runtime, label, threads, batch_size)
-    return _in_process_runner(art, runtime, label, threads, batch_size)
-
-
-def _in_process_runner(art: Artifact, runtime: str, label: str, threads: int | None, batch_size: int):
-    if runtime == "onnxruntime":
-        return OrtRunner(art.path, label, art.entry.get("session_options"), threads, batch_size)
-    if runtime == "litert":
-        return LiteRTRunner(art.path, label, threads, batch_size)
-    if runtime == "litert-builtin":
-        return LiteRTRunner(art.path, "litert (no XNNPACK)", threads, batch_size, default_delegates=False)
-    if runtime == "tflite_runtime":
-        return TFLiteRuntimeRunner(art.path, label, threads=threads, batch_size=batch_size)
-    raise ConfigError(f"{art.relpath}: unknown runtime {runtime!r}; deploykit runs onnxruntime, litert, litert-builtin, tflite_runtime")
-
-
-def manifest_luts(manifest: dict) -> tuple[dict[str, LayerLUT], dict[str, ActivationQuant]]:
-    """The LUT codes and quantization recorded in the manifest (validated like result.json)."""
-    from deploy_kit.result import parse_result
-
-    parsed = parse_result({"model": manifest.get("model", "?"), "layers": manifest.get("layers")}, MANIFEST_NAME)
-    return parsed.layers, parsed.quant
-
-
-def load_manifest_teacher(manifest: dict, exports_dir: Path):
-    """The teacher the manifest was exported from, checked against its recorded sha256."""
-    from deploy_kit.teacher import load_teacher
-
-    ref = manifest["teacher"]
-    teacher = load_teacher(Path(exports_dir) / ref["path"], expect_model=manifest.get("model"))
-    if ref.get("sha256") and ref["sha256"] != teacher.sha256:
-        raise ConfigError(f"{MANIFEST_NAME}: exported from teacher sha256 {ref['sha256'][:12]}…, but "
-                          f"{teacher.weights_path} is {teacher.sha256[:12]}…; pass the matching teacher or re-export")
-    return teacher
-
-
-def load_manifest_student(manifest: dict, exports_dir: Path, teacher):
-    """The weights the LUT artifacts were exported with: the fine-tuned student the manifest
-    records (checked against its sha256s and its teacher), else the teacher itself."""
-    from deploy_kit.errors import CheckpointError
-    from deploy_kit.result import load_result
-    from deploy_kit.student import load_student
-
-    ref = manifest.get("student")
-    if ref is None:
-        return teacher
-    if not isinstance(ref, dict) or not isinstance(ref.get("path"), str):
-        raise ConfigError(f"{MANIFEST_NAME}: \"student\" must be an object with a \"path\"; re-run `deploykit export`")
-    result_ref = manifest.get("result") or {}
-    if not isinstance(result_ref.get("path"), str):
-        raise ConfigError(f"{MANIFEST_NAME}: a fine-tuned student needs its result.json recorded; re-run `deploykit export`")
-    result_path = Path(exports_dir) / result_ref["path"]
-    if result_ref.get("sha256") and (not result_path.is_file() or sha256_file(result_path) != result_ref["sha256"]):
-        raise ConfigError(f"{MANIFEST_NAME}: {result_path} is missing or changed since export (sha256); "
-                          "re-run `deploykit export --force`")
-    student = load_student(load_result(result_path), teacher)
-    if student is None or student.sha256 != ref.get("weights_sha256"):
-        raise CheckpointError(f"{MANIFEST_NAME}: the student weights differ from those exported; re-run `deploykit export --force`")
-    return student
-
-
-if __name__ == "__main__":
-    import sys
-
-    try:
-        _worker(sys.argv[1])
-    except (ConfigError, ExportError) as exc:  # the message is the caller's error line
-        sys.exit(str(exc))
+    spec = runtime_spec(runtime or art.runtime, f"{art.relpath}: ")
+    if art.target not in spec.loads:
+        raise ConfigError(f"{art.relpath}: runtime {spec.name} does not load {art.target} artifacts; it loads "
+                          f"{', '.join(spec.loads)}")
+    label = spec.label or spec.name
+    if art.target != spec.loads[0]:  # "onnxruntime (ort)": the same runtime on its second kind of file
+        label = f"{label} ({art.target})"
+    if spec.isolated and isolate:
+        return IsolatedRunner(art, Path(exports_dir), spec.name, label, threads, batch_size)
+    return spec.runner_class().for_artifact(art, label, threads, batch_size, **dict(spec.options))

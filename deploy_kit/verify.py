@@ -26,6 +26,7 @@ from deploy_kit.data import Split, load_dataset, normalize
 from deploy_kit.errors import ConfigError, DataError, VerificationError
 from deploy_kit.fsutil import write_json
 from deploy_kit.lut import ActivationQuant, LayerLUT
+from exporters import manifest as mf
 
 VERIFY_NAME = "verify.json"
 SCHEMA = "deploykit-verify/1"
@@ -208,7 +209,7 @@ def localize(student, runner, x: np.ndarray, disagree: np.ndarray, luts: dict[st
     """
     pick = np.concatenate([np.flatnonzero(disagree), np.flatnonzero(~disagree)])[:LOCALIZE_IMAGES]
     layers = list(luts)
-    mine = student.tap_codes(x[pick], layers)
+    mine = student.tap_codes(x[pick], layers, layer_quant)
     try:
         theirs = runner.tap_codes(x[pick], layers, layer_quant)
     except ConfigError as exc:
@@ -249,7 +250,7 @@ def localize_message(loc: dict) -> str:
 
 # ----------------------------------------------------------------------------- the command
 
-def ordered(items: list[rn.Artifact]) -> list[rn.Artifact]:
+def ordered(items: list[mf.Artifact]) -> list[mf.Artifact]:
     """LUT artifacts first, each variant in the registry's target order (exporters/registry.py)."""
     from exporters.registry import TARGETS
 
@@ -273,7 +274,7 @@ def reference_rows(teacher, student, x: np.ndarray, labels: np.ndarray) -> tuple
     return refs, rows
 
 
-def export_row(art: rn.Artifact, runtime: str, cfg: VerifyConfig, x: np.ndarray, refs: References, student,
+def export_row(art: mf.Artifact, runtime: str, cfg: VerifyConfig, x: np.ndarray, refs: References, student,
                luts: dict[str, LayerLUT], layer_quant: dict[str, ActivationQuant]) -> Row:
     """One runtime on one artifact: scored, judged, and (--localize) its LUT codes checked."""
     runner = rn.make_runner(art, cfg.exports, runtime=runtime, threads=cfg.threads)
@@ -298,13 +299,13 @@ def verify_exports(cfg: VerifyConfig, progress: bool = True) -> VerifyReport:
 
     start = time.perf_counter()
     exports = Path(cfg.exports)
-    manifest = rn.load_manifest(exports)
-    items = rn.check_exports(manifest, exports)
-    teacher = rn.load_manifest_teacher(manifest, exports)
-    luts, _ = rn.manifest_luts(manifest)
+    manifest = mf.load_manifest(exports)
+    items = mf.check_exports(manifest, exports)
+    teacher = mf.load_manifest_teacher(manifest, exports)
+    luts, _ = mf.manifest_luts(manifest)
     spec, split = load_split(cfg, manifest, teacher)
     x = normalize(split.images, teacher.norm)
-    student = rn.StudentRunner(rn.load_manifest_student(manifest, exports, teacher), luts)
+    student = rn.StudentRunner(mf.load_manifest_student(manifest, exports, teacher), luts)
     refs, rows = reference_rows(teacher, student, x, split.labels)
 
     jobs = [(a, runtime) for a in ordered(items) for runtime in rn.runtimes_for(a)]

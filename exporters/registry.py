@@ -1,5 +1,7 @@
-"""The one table of export targets. The CLI's `--target` choice, verify, bench and the
-parametrized tests all read `TARGETS`; adding a target is one row here plus its module.
+"""The two tables everything else reads: export targets (`TARGETS`) and the runtimes that run
+them (`RUNTIMES`). The CLI's `--target` choice, verify, bench and the parametrized tests all
+read these; adding a target is one row plus its module, adding a runtime one row plus its runner
+class (deploy_kit/runners.py).
 
 Every target converts the rewritten ONNX graph (`model.onnx`, the source of all targets) and
 has the same signature:
@@ -19,7 +21,6 @@ from typing import Callable
 
 from deploy_kit.errors import ConfigError
 
-RUNTIMES = ("onnxruntime", "litert")
 VARIANTS = {"lut": "", "relu": "relu/"}  # variant → sub-folder of the exports dir
 
 
@@ -34,8 +35,8 @@ class Target:
     options: tuple[str, ...] = ()  # the export options (ExportConfig fields) it takes beyond the defaults
 
     def __post_init__(self):
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"target {self.name}: runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.runtime not in RUNTIMES or self.name not in RUNTIMES[self.runtime].loads:
+            raise ValueError(f"target {self.name}: runtime must be one of those that load it, got {self.runtime!r}")
 
     def exporter(self) -> Callable:
         module, _, fn = self.export_fn.partition(":")
@@ -53,6 +54,86 @@ class Target:
         """Path of the artifact inside the exports folder."""
         return VARIANTS[variant] + self.filename
 
+
+# ----------------------------------------------------------------------------- runtimes
+
+VERIFY, BENCH = "verify", "bench"
+
+
+def _importable(module: str) -> tuple[bool, str | None]:
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        found = False
+    return found, None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One runtime that runs exported files: which targets' artifacts it loads, the runner class
+    that drives it, whether it must run in a process of its own, and how it is installed."""
+
+    name: str
+    runner: str  # "module:Class", imported on first use; the class implements runners.Runner
+    module: str  # the Python module the runtime lives in (bench imports it before its memory baseline)
+    loads: tuple[str, ...]  # target names whose artifacts it runs
+    label: str | None = None  # row label when it is not the runtime's name
+    isolated: bool = False  # always in a fresh process (deploy_kit/worker.py), never beside TensorFlow
+    extra: str | None = None  # the pyproject extra that installs it; None: a core dependency
+    uses: tuple[str, ...] = (VERIFY, BENCH)
+    options: tuple[tuple[str, object], ...] = ()  # keyword options for the runner class
+    status_fn: str | None = None  # "module:function" → (usable, why not), when importable is not enough
+
+    def runner_class(self) -> type:
+        module, _, cls = self.runner.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def status(self) -> tuple[bool, str | None]:
+        """(usable here, why not — None when simply not installed)."""
+        if self.status_fn is None:
+            return _importable(self.module)
+        module, _, fn = self.status_fn.partition(":")
+        return getattr(importlib.import_module(module), fn)()
+
+    def available(self) -> bool:
+        return self.status()[0]
+
+    def install_hint(self) -> str:
+        return f"pip install -e '.[{self.extra}]'" if self.extra else "pip install -e ."
+
+
+RUNTIMES: dict[str, Runtime] = {
+    "onnxruntime": Runtime("onnxruntime", "deploy_kit.runners:OrtRunner", "onnxruntime", ("onnx", "ort")),
+    "litert": Runtime("litert", "deploy_kit.runners:LiteRTRunner", "ai_edge_litert.interpreter", ("tflite",)),
+    # tflite_runtime and TensorFlow/LiteRT carry the same TFLite C++ symbols and the copy loaded
+    # first wins: after TensorFlow was imported, tflite_runtime 2.14 could not read any model.
+    "tflite_runtime": Runtime("tflite_runtime", "deploy_kit.runners:LiteRTRunner", "tflite_runtime.interpreter",
+                              ("tflite",), isolated=True, extra="tflite-runtime",
+                              status_fn="deploy_kit.runners:tflite_runtime_status"),
+    # LiteRT without its default XNNPACK delegate, timed by bench only: XNNPACK takes neither LESS
+    # nor SELECT_V2, so this row shows what a LUT costs where a graph falls back to builtin kernels.
+    "litert-builtin": Runtime("litert-builtin", "deploy_kit.runners:LiteRTRunner", "ai_edge_litert.interpreter",
+                              ("tflite",), label="litert (no XNNPACK)", uses=(BENCH,),
+                              options=(("default_delegates", False),)),
+}
+
+
+def runtime(name: str, where: str = "") -> Runtime:
+    """The table's entry, or a ConfigError naming the runtimes deploykit runs."""
+    if name not in RUNTIMES:
+        raise ConfigError(f"{where}unknown runtime {name!r}; deploykit runs {', '.join(RUNTIMES)}")
+    return RUNTIMES[name]
+
+
+def runtimes_loading(target: str, use: str = VERIFY, usable_only: bool = True) -> list[Runtime]:
+    """The runtimes that run `target`'s artifacts for `use` (verify or bench), in table order."""
+    return [r for r in RUNTIMES.values()
+            if target in r.loads and use in r.uses and (not usable_only or r.available())]
+
+
+# ----------------------------------------------------------------------------- targets
 
 TARGETS: dict[str, Target] = {
     "onnx": Target("onnx", "model.onnx", "onnxruntime", "exporters.onnx_graph:export_onnx",

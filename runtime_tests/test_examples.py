@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from deploy_kit.data import normalize
-from deploy_kit.runners import load_manifest, make_runner
+from deploy_kit.runners import make_runner
+from exporters.manifest import load_manifest
 from deploy_kit.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,8 +19,9 @@ from deploy_kit.lut import ActivationQuant
 from deploy_kit.teacher import load_teacher
 from deploy_kit.train import TrainConfig, train_teacher
 from deploy_kit.verify import VerifyConfig, max_pool_codes, verify_exports
+from exporters import manifest as mf
 from exporters.manifest import seal
-from exporters.registry import TARGETS
+from exporters.registry import BENCH, RUNTIMES, TARGETS, VERIFY, runtimes_loading
 
 AVAILABLE = [name for name, t in TARGETS.items() if t.available()]
 CODES = {"t1_code": 2, "v1_code": 5, "t2_code": 9, "v2_code": 14, "tmax_code": 24}
@@ -42,7 +43,8 @@ def run(tmp_path_factory):
 @pytest.mark.parametrize("target", AVAILABLE)
 def test_every_runtime_of_the_target_passes(run, target):
     rows = [r for r in run["report"].rows if r.checked and r.artifact.endswith(TARGETS[target].filename)]
-    runtimes = {TARGETS[target].runtime, *(["tflite_runtime"] if target == "tflite" and rn.tflite_runtime_available() else [])}
+    runtimes = {r.name for r in runtimes_loading(target, VERIFY)}  # the table decides which
+    assert TARGETS[target].runtime in runtimes
     assert {r.variant for r in rows} == {"lut", "relu"}
     assert len(rows) == 2 * len(runtimes)
     for r in rows:
@@ -51,11 +53,37 @@ def test_every_runtime_of_the_target_passes(run, target):
         assert r.images_per_s > 0 and r.bytes > 0
 
 
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_every_runtime_of_the_table_runs_what_it_loads(run, name):
+    """Each row of the runtime table — bench-only and isolated ones included — built by
+    make_runner from the table alone, on every exported target it loads: both variants
+    reproduce their reference (the LUT file the student, the ReLU file the teacher)."""
+    spec = RUNTIMES[name]
+    usable, why = spec.status()
+    if not usable:
+        pytest.skip(why or f"{name} is not installed ({spec.install_hint()})")
+    manifest = mf.load_manifest(run["exports"])
+    luts, _ = mf.manifest_luts(manifest)
+    x = normalize(load_dataset("digits").split("test").images[:64], run["teacher"].norm)
+    refs = {"lut": rn.StudentRunner(run["teacher"], luts).predict(x), "relu": rn.TeacherRunner(run["teacher"]).predict(x)}
+    entries = [a for a in manifest["artifacts"] if a["target"] in spec.loads]
+    assert entries or not set(spec.loads) & set(AVAILABLE)
+    for entry in entries:
+        runner = rn.make_runner(entry, run["exports"], runtime=name)
+        assert isinstance(runner, rn.IsolatedRunner) == spec.isolated
+        assert runner.name.startswith(spec.label or spec.name)
+        logits = runner.predict(x)
+        assert (logits.argmax(1) == refs[entry["variant"]].argmax(1)).mean() >= 0.98, (name, entry["path"])
+        art = mf.artifacts({"artifacts": [entry]}, run["exports"])[0]
+        for use in spec.uses:
+            assert name in rn.runtimes_for(art, use)
+
+
 @pytest.mark.parametrize("target", AVAILABLE)
 def test_layer_codes_are_readable_and_follow_the_table(run, target):
     """--localize needs every runtime's codes at each LUT; a correct export maps them by the table."""
-    manifest = rn.load_manifest(run["exports"])
-    luts, _ = rn.manifest_luts(manifest)
+    manifest = mf.load_manifest(run["exports"])
+    luts, _ = mf.manifest_luts(manifest)
     entry = next(a for a in manifest["artifacts"] if a["target"] == target and a["variant"] == "lut")
     runner = rn.make_runner(entry, run["exports"])
     x = normalize(load_dataset("digits").split("test").images[:16], run["teacher"].norm)
@@ -65,7 +93,7 @@ def test_layer_codes_are_readable_and_follow_the_table(run, target):
             runner.tap_codes(x, list(luts), quant)
         return
     codes = runner.tap_codes(x, list(luts), quant)
-    student = rn.StudentRunner(run["teacher"], luts).tap_codes(x, list(luts))
+    student = rn.StudentRunner(run["teacher"], luts).tap_codes(x, list(luts), quant)
     assert list(codes) == list(luts)
     pools = entry.get("lut_pools", {})  # every target runs a LUT that feeds a MaxPool after it
     for name, lut in luts.items():

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy_kit.runners import load_manifest, make_runner
+from deploy_kit.runners import make_runner
+from exporters.manifest import load_manifest
 from deploy_kit.teacher import load_teacher
 
 from web_page import missing_packages, run_page
@@ -68,7 +69,7 @@ def verify_split_pngs(float_io_tflite, tmp_path_factory):
     """The split `verify` scores (its own loader): grayscale PNG files, and the `Split` they hold."""
     from PIL import Image
 
-    from deploy_kit.runners import load_manifest_teacher
+    from exporters.manifest import load_manifest_teacher
     from deploy_kit.verify import VerifyConfig, load_split
 
     manifest = load_manifest(float_io_tflite)

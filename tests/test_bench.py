@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from deploy_kit.bench import BenchRow, lut_ratios
 from deploy_kit.cli import main
+from exporters.registry import BENCH, runtimes_loading
 
 
 
@@ -24,9 +25,12 @@ def test_bench_measures_every_artifact_for_both_variants(exports):
                                        "--repeats32", "2", "--rounds", "2", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
+    # every runtime the table lists for bench, on both variants of each target
+    expected = {(r.label or r.name) + ("" if t == r.loads[0] else f" ({t})") for t in ("onnx", "ort")
+                for r in runtimes_loading(t, BENCH)}
+    assert expected >= {"onnxruntime", "onnxruntime (ort)"}
     assert {(r["runtime"], r["variant"]) for r in summary["rows"]} == {
-        ("onnxruntime", "lut"), ("onnxruntime", "relu"), ("onnxruntime (ort)", "lut"), ("onnxruntime (ort)", "relu"),
-        ("onnxruntime", "float")}  # the unquantized baseline
+        *((name, v) for name in expected for v in ("lut", "relu")), ("onnxruntime", "float")}  # + the float baseline
     for r in summary["rows"]:
         assert set(r) == {"runtime", "variant", "latency_ms_p50", "latency_ms_p90", "throughput_ips", "bytes"}
         assert 0 < r["latency_ms_p50"] <= r["latency_ms_p90"] and r["throughput_ips"] > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy_kit.runners import load_manifest
+from exporters.manifest import load_manifest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

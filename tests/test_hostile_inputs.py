@@ -613,9 +613,9 @@ def test_two_concurrent_exports_into_one_folder_one_wins_at_once(base_run, tmp_p
     assert codes == [0, 2], done
     loser = next(err for code, err in done if code == 2).strip().splitlines()
     assert len(loser) == 1 and ("already exists" in loser[0] or "another deploykit process" in loser[0]), loser
-    from deploy_kit import runners as rn
+    from exporters import manifest as mf
 
-    rn.check_exports(rn.load_manifest(out), out)  # the winner's export is whole and sealed
+    mf.check_exports(mf.load_manifest(out), out)  # the winner's export is whole and sealed
 
 
 def test_export_with_force_into_a_folder_being_written_fails_at_once(base_run, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 from deploy_kit.errors import ConfigError, ExportError
 from deploy_kit.lut import ActivationQuant, LayerLUT
-from exporters import onnx_to_tf, tflite
+from exporters import onnx_to_tf, tf_lut, tflite
 from exporters.registry import TARGETS
 
 pytest.importorskip("tensorflow")
@@ -255,7 +255,7 @@ def test_a_wrong_constant_in_a_branch_free_lut_is_caught(tmp_path, monkeypatch, 
     lut, aq = LayerLUT(3, 6, 10, 14, 20), ActivationQuant(0.0125, 0)
     proto, x = _lut_model(tmp_path, lut, aq)
     right = onnx_to_tf.lut_steps
-    monkeypatch.setattr(onnx_to_tf, "lut_steps", lambda lut, quant: [(t + (t == lut.t2), w) for t, w in right(lut, quant)])
+    monkeypatch.setattr(tf_lut, "lut_steps", lambda lut, quant: [(t + (t == lut.t2), w) for t, w in right(lut, quant)])
     graph = onnx_to_tf.read_graph(proto, form)
     data = tflite.convert(graph, x)
     with pytest.raises(ExportError, match=rf"layer layer: the TFLite LUT \({form}\) maps 1 of 256 codes off the table "
@@ -348,7 +348,7 @@ def test_a_layer_whose_saturate_lut_is_not_exact_falls_back_to_select_alone(tmp_
     aq = ActivationQuant(0.0213, 0)
     luts = {"a": UNIT_GAIN_LUT, "b": LayerLUT(3, 6, 10, 14, 20)}
     real_plan = onnx_to_tf.saturate_plan
-    monkeypatch.setattr(onnx_to_tf, "saturate_plan",
+    monkeypatch.setattr(tf_lut, "saturate_plan",
                         lambda lut, quant: UNIT_GAIN_PLAN if lut == UNIT_GAIN_LUT else real_plan(lut, quant))
     onnx.save(_lut_chain_model(luts, aq), str(tmp_path / "luts.onnx"))
     codes = np.arange(256).reshape(1, 1, 16, 16)
@@ -381,7 +381,7 @@ def test_the_unit_gain_plan_really_breaks_the_saturate_lut(tmp_path, monkeypatch
     maps codes off the table (else the fallback above would prove nothing)."""
     aq = ActivationQuant(0.0213, 0)
     real_plan = onnx_to_tf.saturate_plan
-    monkeypatch.setattr(onnx_to_tf, "saturate_plan",
+    monkeypatch.setattr(tf_lut, "saturate_plan",
                         lambda lut, quant: UNIT_GAIN_PLAN if lut == UNIT_GAIN_LUT else real_plan(lut, quant))
     proto, x = _lut_model(tmp_path, UNIT_GAIN_LUT, aq)
     graph = onnx_to_tf.read_graph(proto, "saturate")

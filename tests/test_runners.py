@@ -12,6 +12,8 @@ from deploy_kit.data import load_dataset, normalize
 from deploy_kit.errors import ConfigError, ExportError
 from deploy_kit.lut import ActivationQuant
 from deploy_kit.teacher import load_teacher
+from exporters import manifest as mf
+from exporters.registry import BENCH, RUNTIMES, TARGETS, VERIFY, Runtime, runtimes_loading
 
 
 
@@ -19,8 +21,8 @@ from deploy_kit.teacher import load_teacher
 def setup(export_lenet_run):
     exports = export_lenet_run("runners_run", ("onnx",))
     teacher = load_teacher(exports.parent)
-    manifest = rn.load_manifest(exports)
-    luts, _ = rn.manifest_luts(manifest)
+    manifest = mf.load_manifest(exports)
+    luts, _ = mf.manifest_luts(manifest)
     test = load_dataset(teacher.meta["data"], teacher.meta["seed"]).split("test")
     return {"teacher": teacher, "exports": exports, "manifest": manifest, "luts": luts,
             "x": normalize(test.images[:100], teacher.norm)}
@@ -40,8 +42,8 @@ def test_ort_runner_agrees_with_student_and_batching_does_not_matter(setup):
 
 
 def test_student_codes_follow_the_lut_table(setup):
-    codes = rn.StudentRunner(setup["teacher"], setup["luts"]).tap_codes(setup["x"][:8], list(setup["luts"]))
     quant = setup["teacher"].layer_quant
+    codes = rn.StudentRunner(setup["teacher"], setup["luts"]).tap_codes(setup["x"][:8], list(setup["luts"]), quant)
     assert list(codes) == list(setup["luts"])
     for name, c in codes.items():
         np.testing.assert_array_equal(c.after, setup["luts"][name].apply_codes(c.before, quant[name].zero_point))
@@ -53,7 +55,7 @@ def test_ort_codes_are_found_for_every_layer_and_match_the_table(setup):
 
     layers, quant = list(setup["luts"]), setup["teacher"].layer_quant
     codes = onnx_runner(setup).tap_codes(setup["x"][:8], layers, quant)
-    student = rn.StudentRunner(setup["teacher"], setup["luts"]).tap_codes(setup["x"][:8], layers)
+    student = rn.StudentRunner(setup["teacher"], setup["luts"]).tap_codes(setup["x"][:8], layers, quant)
     pools = next(a for a in setup["manifest"]["artifacts"] if a["path"] == "model.onnx")["lut_pools"]
     assert list(codes) == layers
     for name in layers:
@@ -91,14 +93,14 @@ def test_to_codes_rounds_to_the_grid():
 
 
 def test_hash_check_and_unknown_runtime(setup, tmp_path):
-    items = rn.artifacts(setup["manifest"], setup["exports"])
-    rn.check_hashes(items)  # the clean export passes
+    items = mf.artifacts(setup["manifest"], setup["exports"])
+    mf.check_hashes(items)  # the clean export passes
     entry = dict(next(a for a in setup["manifest"]["artifacts"] if a["path"] == "model.onnx"), runtime="coreml")
     with pytest.raises(ConfigError, match="unknown runtime 'coreml'"):
         rn.make_runner(entry, setup["exports"])
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": "other/1"}))
     with pytest.raises(ConfigError, match="expected schema deploykit-manifest/1"):
-        rn.load_manifest(tmp_path)
+        mf.load_manifest(tmp_path)
 
 
 def test_isolated_runner_gives_the_in_process_results_and_one_line_errors(setup, tmp_path):
@@ -107,7 +109,7 @@ def test_isolated_runner_gives_the_in_process_results_and_one_line_errors(setup,
     mechanism is exercised wherever tflite_runtime is not installed."""
     import shutil
 
-    art = rn.artifacts(setup["manifest"], setup["exports"])[0]
+    art = mf.artifacts(setup["manifest"], setup["exports"])[0]
     assert art.relpath == "model.onnx"
     here = onnx_runner(setup)
     away = rn.IsolatedRunner(art, setup["exports"], "onnxruntime", "onnxruntime", None, rn.DEFAULT_BATCH)
@@ -123,7 +125,7 @@ def test_isolated_runner_gives_the_in_process_results_and_one_line_errors(setup,
     broken = tmp_path / "exports"
     shutil.copytree(setup["exports"], broken)
     (broken / "model.onnx").write_bytes(b"not a model")
-    bad = rn.IsolatedRunner(rn.artifacts(setup["manifest"], broken)[0], broken, "onnxruntime", "onnxruntime", None, 64)
+    bad = rn.IsolatedRunner(mf.artifacts(setup["manifest"], broken)[0], broken, "onnxruntime", "onnxruntime", None, 64)
     with pytest.raises(ExportError, match=r"^onnxruntime failed on model.onnx: .+") as err:
         bad.predict(setup["x"][:2])
     assert "\n" not in str(err.value)
@@ -137,9 +139,72 @@ def test_tflite_runtime_is_skipped_with_a_reason_when_its_numpy_abi_does_not_mat
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "tflite_runtime" else real_spec(name, *a))
     monkeypatch.setattr(metadata, "version", lambda name: "2.14.0" if name == "tflite-runtime" else real_version(name))
     monkeypatch.setattr(np, "__version__", "2.4.6")
-    usable, why = rn.tflite_runtime_status()
+    usable, why = RUNTIMES["tflite_runtime"].status()
     assert not usable and "built for numpy 1.x" in why and "pip install -e '.[tflite-runtime]'" in why
     monkeypatch.setattr(np, "__version__", "1.26.4")
     assert rn.tflite_runtime_status() == (True, None)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tflite_runtime" else real_spec(name, *a))
     assert rn.tflite_runtime_status() == (False, None)
+
+
+# ----------------------------------------------------------------------------- the runtime table
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_every_runtime_entry_names_a_runner_that_follows_the_protocol(name):
+    """One entry per runtime: its runner class implements `runners.Runner` (one `tap_codes`
+    signature) and opens an artifact; it loads known targets; its extra exists in pyproject."""
+    import inspect
+    import tomllib
+    from pathlib import Path
+
+    spec = RUNTIMES[name]
+    cls = spec.runner_class()
+    for method in ("predict", "tap_codes", "for_artifact"):
+        assert callable(getattr(cls, method, None)), f"{cls.__name__} lacks {method}"
+    assert list(inspect.signature(cls.tap_codes).parameters) == ["self", "x", "layers", "layer_quant"]
+    assert set(spec.loads) <= set(TARGETS) and spec.uses and set(spec.uses) <= {VERIFY, BENCH}
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert spec.extra is None or spec.extra in extras
+    usable, why = spec.status()
+    assert isinstance(usable, bool) and (why is None or "pip install" in why)
+
+
+def test_every_target_is_run_by_the_runtime_it_records():
+    for target in TARGETS.values():
+        assert target.name in RUNTIMES[target.runtime].loads
+        assert target.runtime in [r.name for r in runtimes_loading(target.name, VERIFY, usable_only=False)]
+
+
+def test_torch_runners_follow_the_protocol_too():
+    import inspect
+
+    for cls in (rn.TeacherRunner, rn.StudentRunner, rn.Int8TeacherRunner, rn.IsolatedRunner):
+        assert list(inspect.signature(cls.tap_codes).parameters) == ["self", "x", "layers", "layer_quant"]
+
+
+def test_a_new_runtime_is_one_table_entry(setup, monkeypatch):
+    """A runtime added as one row (here onnxruntime with its threads never spinning, through the
+    existing runner class) is picked up by verify's and bench's runtime lists and runs; a row
+    marked isolated runs in the worker process, with the same logits."""
+    entry = next(a for a in setup["manifest"]["artifacts"] if a["path"] == "model.onnx")
+    art = mf.artifacts({"artifacts": [entry]}, setup["exports"])[0]
+    row = Runtime("onnxruntime-nospin", "deploy_kit.runners:OrtRunner", "onnxruntime", ("onnx",),
+                  options=(("session.intra_op.allow_spinning", "0"),))
+    monkeypatch.setitem(RUNTIMES, row.name, row)
+    assert rn.runtimes_for(art) == ["onnxruntime", "onnxruntime-nospin"]
+    assert rn.runtimes_for(art, BENCH) == ["onnxruntime", "onnxruntime-nospin"]
+    here = rn.make_runner(entry, setup["exports"], runtime=row.name)
+    assert here.name == "onnxruntime-nospin" and here.settings["session.intra_op.allow_spinning"] == "0"
+    reference = onnx_runner(setup).predict(setup["x"])
+    np.testing.assert_array_equal(here.predict(setup["x"]), reference)
+    # (the worker process reads the table as shipped, so the isolated case uses a shipped row)
+    monkeypatch.setitem(RUNTIMES, "onnxruntime", Runtime(**{**RUNTIMES["onnxruntime"].__dict__, "isolated": True}))
+    away = rn.make_runner(entry, setup["exports"])
+    assert isinstance(away, rn.IsolatedRunner) and away.name == "onnxruntime"
+    np.testing.assert_array_equal(away.predict(setup["x"]), reference)
+
+
+def test_a_runtime_that_does_not_load_the_target_is_refused(setup):
+    entry = next(a for a in setup["manifest"]["artifacts"] if a["path"] == "model.onnx")
+    with pytest.raises(ConfigError, match="runtime litert does not load onnx artifacts; it loads tflite"):
+        rn.make_runner(entry, setup["exports"], runtime="litert")

@@ -66,12 +66,13 @@ def json_option(f):
 
 
 def say_skipped_runtimes() -> None:
-    """One line when an installed runtime cannot run here (tflite-runtime next to numpy 2)."""
-    from deploy_kit.runners import tflite_runtime_status
+    """One line per installed runtime that cannot run here (tflite-runtime next to numpy 2)."""
+    from exporters.registry import RUNTIMES
 
-    _, why = tflite_runtime_status()
-    if why:
-        say(f"note: {why}")
+    for spec in RUNTIMES.values():
+        _, why = spec.status()
+        if why:
+            say(f"note: {why}")
 
 
 def emit(summary: dict) -> None:
