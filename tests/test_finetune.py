@@ -187,7 +187,10 @@ def test_research_on_the_students_weights_then_finetune_continues_from_them(tune
     base = again.result.search["base_student"]
     assert base["path"] == "student.json" and base["weights_sha256"] == first.meta["weights_sha256"]
     # the ceiling of every layer is the one the first round searched under, not re-derived
-    assert base["tmax"] == "kept from the base result"
+    assert base["tmax"] == "kept from the base result" and base["start"] == "the base result's codes"
+    # the codes round 1 trained with are the first candidate scored, so they compete in the selection
+    first_scored = json.loads((copy / "search_log.round2.jsonl").read_text().splitlines()[0])
+    assert first_scored["evaluation"] == 1 and all(c == list(CODES.values()) for c in first_scored["layers"].values())
     assert {n: l.tmax for n, l in again.result.layers.items()} == {n: CODES["tmax_code"] for n in again.result.layers}
     second = finetune(FinetuneConfig(result_path=copy / "round2.json", out=copy / "round2", epochs=1, max_train=400,
                                      ce_weight=0.0, device="cpu"))
