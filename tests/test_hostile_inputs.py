@@ -244,7 +244,8 @@ TRAIN_BAD = [("--seed", "-1"), ("--seed", "1180591620717411303424"), ("--seed", 
              ("--lr", "inf"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "1e400"), ("--width", "0"), ("--width", "nan"),
              ("--width", "-1"), ("--width", "5"), ("--epochs", "-1"), ("--epochs", "1.5"), ("--qat-epochs", "0"),
              ("--batch-size", "0"), ("--max-train", "0"), ("--max-train", "-5"), ("--crop", "99"),
-             ("--threads", "0"), ("--model", "resnet9000"), ("--backend", "cuda"), ("--device", "tpu")]
+             ("--threads", "0"), ("--model", "resnet9000"), ("--backend", "cuda"), ("--device", "tpu"),
+             ("--optimizer", "lbfgs"), ("--weight-decay", "nan"), ("--weight-decay", "-1"), ("--weight-decay", "1")]
 
 SEARCH = ("--teacher", RUN, "--out", f"{TMP}/r.json", "--episodes", "2")
 SEARCH_BAD = [("--seed", "-1"), ("--seed", "99999999999999999999999"), ("--episodes", "0"), ("--episodes", "-3"),
@@ -256,7 +257,8 @@ SEARCH_BAD = [("--seed", "-1"), ("--seed", "99999999999999999999999"), ("--episo
 FINETUNE = ("--config", f"{RUN}/result.json", "--out", f"{TMP}/ft")
 FINETUNE_BAD = [("--epochs", "0"), ("--lr", "nan"), ("--lr", "0"), ("--batch-size", "0"), ("--temperature", "0"),
                 ("--temperature", "inf"), ("--kd-weight", "-1"), ("--ce-weight", "nan"), ("--at-weight", "-1"),
-                ("--seed", "-1"), ("--max-train", "0"), ("--threads", "0"), ("--ema", "nan"), ("--ema", "1")]
+                ("--seed", "-1"), ("--max-train", "0"), ("--threads", "0"), ("--ema", "nan"), ("--ema", "1"),
+                ("--select", "median")]
 
 VERIFY = ("--exports", f"{RUN}/exports")
 VERIFY_BAD = [("--max-drop", "nan"), ("--max-drop", "-1"), ("--min-agreement", "101"), ("--min-agreement", "nan"),
