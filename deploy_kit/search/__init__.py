@@ -27,6 +27,7 @@ from deploy_kit.data import Dataset, Split, load_dataset, normalize
 from deploy_kit.device import check_device_name, resolve_device
 from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import atomic_path, check_writable, write_json
+from deploy_kit.lut import CODE_FIELDS, LayerLUT
 from deploy_kit.result import SearchResult, load_result
 from deploy_kit.search.baselines import greedy_search, random_search
 from deploy_kit.search.ppo import PPOConfig, ppo_search
@@ -39,7 +40,6 @@ from deploy_kit.teacher import SIDECAR_NAME, Teacher, load_teacher
 
 METHODS = ("ppo", "random", "greedy")
 LOG_NAME = "search_log.jsonl"
-LUT_FIELDS = ("t1", "v1", "t2", "v2", "tmax")
 
 
 def log_path_for(result_path: Path) -> Path:
@@ -146,13 +146,12 @@ def run_search(teacher_path: Path, cfg: SearchConfig, out: Path | None = None, f
     check_writable(out, force)
     check_writable(log_path_for(out), force)
     device = resolve_device(cfg.device)  # --device cuda without a GPU fails here, before any work
-    base, base_record = _base_student(from_student, teacher, out)
+    base, base_record, previous = _base_student(from_student, teacher, out)
     layers = search_layers(teacher, cfg.layers)
     ds = dataclasses.replace(_dataset(teacher.meta["data"], teacher.meta["seed"]), norm=teacher.norm)
     torch.manual_seed(cfg.seed)
     quant = {n: teacher.layer_quant[n] for n in layers}
     x, _ = _train_images(ds, cfg.state_images, cfg.seed)
-    previous = load_result(Path(from_student)).layers if base is not None else {}
     # A re-search keeps each layer's tmax: the ceiling decides which codes the staircase covers, and
     # re-deriving it from the fine-tuned activations (wider: LeNet5 conv1 67 → 96, fc2 112 → 217)
     # made the staircase cover more and the re-searched student worse (benchmarks/cifar10.md).
@@ -162,7 +161,7 @@ def run_search(teacher_path: Path, cfg: SearchConfig, out: Path | None = None, f
     # the greedy walk centre on them, and they are the first candidate scored, so the codes the
     # round began with compete in the selection (VGG16-0.25: a re-search without them ended
     # 0.7 pt below those codes on validation, benchmarks/cifar10.md).
-    start_codes = {s.name: project(cfg.space, *(getattr(previous[s.name], f) for f in LUT_FIELDS))
+    start_codes = {s.name: project(cfg.space, *(getattr(previous[s.name], f) for f in CODE_FIELDS))
                    for s in states if s.name in previous}
     states = [dataclasses.replace(s, init=start_codes.get(s.name, s.init)) for s in states]
     if base_record is not None:
@@ -189,10 +188,12 @@ def run_search(teacher_path: Path, cfg: SearchConfig, out: Path | None = None, f
     return SearchOutcome(out, log_path, result, trace.evaluations, seconds)
 
 
-def _base_student(from_student: Path | None, teacher: Teacher, out: Path) -> tuple[Teacher | None, dict | None]:
-    """The fine-tuned student a re-search starts from, and its record for result.json."""
+def _base_student(from_student: Path | None, teacher: Teacher,
+                  out: Path) -> tuple[Teacher | None, dict | None, dict[str, LayerLUT]]:
+    """The fine-tuned student a re-search starts from, its record for result.json, and the codes
+    it was trained with."""
     if from_student is None:
-        return None, None
+        return None, None, {}
     from deploy_kit.student import SIDECAR_NAME as STUDENT_SIDECAR, load_student, relative
 
     previous = load_result(Path(from_student))
@@ -202,7 +203,7 @@ def _base_student(from_student: Path | None, teacher: Teacher, out: Path) -> tup
                           f"--config {from_student}` first")
     sidecar = base.weights_path.with_name(STUDENT_SIDECAR)
     return base, {"path": relative(sidecar, out.resolve().parent), "sha256": previous.student["sha256"],
-                  "weights_sha256": base.sha256}
+                  "weights_sha256": base.sha256}, dict(previous.layers)
 
 
 def _result(teacher: Teacher, out: Path, cfg: SearchConfig, layers: list[str], trace: Trace, sel: Selection,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deploy_kit.lut import LayerLUT
+from deploy_kit.lut import CODE_FIELDS, LayerLUT
 from deploy_kit.search.space import SAMPLE_ORDER, CodeSpace, legal_values, uniform_sample
 from deploy_kit.search.state import LayerState
 from deploy_kit.search.trace import Candidate, Trace
@@ -27,7 +27,7 @@ def random_search(trace: Trace, states: list[LayerState], space: CodeSpace, seed
 
 
 def _replace(lut: LayerLUT, field: str, value: int) -> LayerLUT:
-    return LayerLUT(**{**{f: getattr(lut, f) for f in ("t1", "v1", "t2", "v2", "tmax")}, field: value})
+    return LayerLUT(**{**{f: getattr(lut, f) for f in CODE_FIELDS}, field: value})
 
 
 def _spread(values: range, current: int, radius: int, rng: np.random.Generator) -> list[int]:

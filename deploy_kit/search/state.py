@@ -146,7 +146,8 @@ def layer_states(model: ZooModel, layers: list[str], quant: dict[str, Activation
     fixes a layer's ceiling instead of the rule (a re-search keeps the one it started from)."""
     all_taps = list(model.taps())
     hists = code_histograms(model, layers, quant, x)
-    tmax = {n: (keep_tmax or {}).get(n, rule.apply(hists[n], quant[n])) for n in layers}
+    keep_tmax = keep_tmax or {}
+    tmax = {n: keep_tmax[n] if n in keep_tmax else rule.apply(hists[n], quant[n]) for n in layers}
     for n, t in tmax.items():
         if t > quant[n].qmax:
             raise ConfigError(f"layer {n}: tmax={t} is above the layer's qmax={quant[n].qmax}; lower --tmax-fixed")
