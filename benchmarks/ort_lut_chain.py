@@ -1,5 +1,7 @@
 """onnxruntime: the LUT's cost as exported (float Less/Where between DQ and Q) against the same
-Less/Where chain on the uint8 codes themselves (issue 15's ORT target, an experiment).
+Less/Where chain on the uint8 codes themselves, and against one table lookup per layer (Cast +
+Gather on the codes: the fewest nodes an exact ONNX LUT can have) — issue 15's ORT target, an
+experiment; only the first is what DESIGN §2/§4b allow in the shipped graph.
 
     python benchmarks/ort_lut_chain.py --exports DIR [DIR ...] --rounds 7 --repeats 300
 
@@ -83,6 +85,68 @@ def code_domain_chains(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def gather_chains(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Every layer's chain as one table lookup on its codes: Cast(codes → int32) → Gather(256-entry
+    table). The table is the chain itself evaluated on every code (so it is exact by construction);
+    not Less/Where, so not what DESIGN §2 and §4b allow in the shipped graph — measured to size the
+    gap only."""
+    proto = code_domain_chains(proto)
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    layers = sorted({n.name.split("/lut/")[0] for n in g.node if "/lut/Less" in n.name})
+    drop = set()
+    for layer in layers:
+        chain = [n for n in g.node if n.name.startswith(f"{layer}/lut/") and n.op_type in ("Less", "Where")]
+        names = {n.name for n in chain}
+        last = next(n for n in chain if n.op_type == "Where" and not any(c.name in names for c in consumers.get(n.output[0], [])))
+        codes = next(n for n in chain if n.op_type == "Less").input[0]
+        # every code of the dtype; as int8, indices 128..255 are −128..−1, which Gather reads from the end
+        q = np.arange(256).astype(_scalar(inits, next(n for n in chain if n.op_type == "Less").input[1]).dtype)
+
+        def value(name: str) -> np.ndarray:
+            if name == codes:
+                return q
+            if name in inits:
+                return np.broadcast_to(_scalar(inits, name), q.shape)
+            n = producer[name]
+            if n.op_type == "Less":
+                return value(n.input[0]) < value(n.input[1])
+            return np.where(value(n.input[0]), value(n.input[1]), value(n.input[2]))
+        table = value(last.output[0]).astype(q.dtype)
+        g.initializer.append(nh.from_array(table, f"{layer}/lut/table"))
+        idx = onnx.helper.make_node("Cast", [codes], [f"{layer}/lut/idx"], name=f"{layer}/lut/Cast", to=onnx.TensorProto.INT32)
+        look = onnx.helper.make_node("Gather", [f"{layer}/lut/table", f"{layer}/lut/idx"], [last.output[0]],
+                                     name=f"{layer}/lut/Gather", axis=0)
+        drop |= names
+        g.node.extend([idx, look])
+    kept = [n for n in g.node if n.name not in drop]
+    del g.node[:]
+    g.node.extend(_toposort(kept, {i.name for i in g.input} | {i.name for i in g.initializer}))
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def _toposort(nodes: list, ready: set) -> list:
+    out, pending = [], list(nodes)
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready or not i for i in n.input):
+                out.append(n)
+                ready |= set(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ValueError("graph has a cycle or a missing input")
+        pending = rest
+    return out
+
+
 def _session(path: Path, optimized: Path | None = None):
     import onnxruntime as ort
 
@@ -119,11 +183,16 @@ def measure(folder: Path, rounds: int, repeats: int, tmp: Path) -> dict:
     x = normalize(test.images, teacher.norm).astype(np.float32)
     code_path = tmp / f"{folder.parent.name}_codes.onnx"
     onnx.save(code_domain_chains(onnx.load(str(folder / "model.onnx"))), str(code_path))
-    paths = {"relu": folder / "relu" / "model.onnx", "float chain": folder / "model.onnx", "code chain": code_path}
+    gather_path = tmp / f"{folder.parent.name}_gather.onnx"
+    onnx.save(gather_chains(onnx.load(str(folder / "model.onnx"))), str(gather_path))
+    paths = {"relu": folder / "relu" / "model.onnx", "float chain": folder / "model.onnx", "code chain": code_path,
+             "gather": gather_path}
     sessions = {k: _session(p, tmp / f"{folder.parent.name}_{k.replace(' ', '_')}.opt.onnx") for k, p in paths.items()}
-    exported, moved = _logits(sessions["float chain"], x), _logits(sessions["code chain"], x)
-    if not np.array_equal(exported, moved):
-        raise SystemExit(f"{folder}: the code-domain chain changes the logits (max |Δ| {np.abs(exported - moved).max()})")
+    exported = _logits(sessions["float chain"], x)
+    for k in ("code chain", "gather"):
+        moved = _logits(sessions[k], x)
+        if not np.array_equal(exported, moved):
+            raise SystemExit(f"{folder}: the {k} rewrite changes the logits (max |Δ| {np.abs(exported - moved).max()})")
     nodes = {k: sum(Counter(n.op_type for n in onnx.load(str(tmp / f"{folder.parent.name}_{k.replace(' ', '_')}.opt.onnx"))
                             .graph.node).values()) for k in paths}
     x1 = x[:1]
@@ -135,7 +204,7 @@ def measure(folder: Path, rounds: int, repeats: int, tmp: Path) -> dict:
         for k in rng.permutation(list(sessions)):
             per_round[k].append(_median_us(sessions[k], x1, repeats))
     us = {k: float(np.median(v)) for k, v in per_round.items()}
-    ratios = {k: [a / b for a, b in zip(per_round[k], per_round["relu"])] for k in ("float chain", "code chain")}
+    ratios = {k: [a / b for a, b in zip(per_round[k], per_round["relu"])] for k in ("float chain", "code chain", "gather")}
     return {"model": f"{manifest['model']}-{manifest.get('width')}", "images": len(x), "us": us, "nodes": nodes,
             "ratio": {k: float(np.median(v)) for k, v in ratios.items()},
             "range": {k: (min(v), max(v)) for k, v in ratios.items()}}
@@ -148,17 +217,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=300)
     args = ap.parse_args()
     print(f"load average before: {os.getloadavg()}")
-    print("| model | test images, logits identical | ReLU µs | float chain µs | code chain µs | "
-          "**LUT/ReLU float** (min..max) | **LUT/ReLU codes** (min..max) | optimized nodes relu/float/codes |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+    print("| model | test images, logits identical | ReLU µs | float chain µs | code chain µs | gather µs | "
+          "**LUT/ReLU float** (min..max) | **LUT/ReLU codes** (min..max) | **LUT/ReLU gather** (min..max) | "
+          "optimized nodes relu/float/codes/gather |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for folder in args.exports:
             m = measure(folder, args.rounds, args.repeats, Path(tmp))
-            f, c = m["range"]["float chain"], m["range"]["code chain"]
+            f, c, g = m["range"]["float chain"], m["range"]["code chain"], m["range"]["gather"]
             print(f"| {m['model']} | {m['images']}, yes | {m['us']['relu']:.1f} | {m['us']['float chain']:.1f} | "
-                  f"{m['us']['code chain']:.1f} | {m['ratio']['float chain']:.2f} ({f[0]:.2f}..{f[1]:.2f}) | "
-                  f"{m['ratio']['code chain']:.2f} ({c[0]:.2f}..{c[1]:.2f}) | "
-                  f"{m['nodes']['relu']}/{m['nodes']['float chain']}/{m['nodes']['code chain']} |", flush=True)
+                  f"{m['us']['code chain']:.1f} | {m['us']['gather']:.1f} | "
+                  f"{m['ratio']['float chain']:.2f} ({f[0]:.2f}..{f[1]:.2f}) | "
+                  f"{m['ratio']['code chain']:.2f} ({c[0]:.2f}..{c[1]:.2f}) | {m['ratio']['gather']:.2f} ({g[0]:.2f}..{g[1]:.2f}) | "
+                  f"{m['nodes']['relu']}/{m['nodes']['float chain']}/{m['nodes']['code chain']}/{m['nodes']['gather']} |",
+                  flush=True)
     print(f"load average after: {os.getloadavg()}")
 
 
