@@ -136,7 +136,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--finetune-method", default="ppo", choices=METHODS)
     p.add_argument("--finetune-epochs", type=int, default=8)
-    p.add_argument("--finetune-lr", type=float, default=5e-4)
+    p.add_argument("--finetune-lr", type=float, default=None, help="finetune --lr (default: its per-model default)")
     p.add_argument("--ce-weight", type=float, default=0.5)
     p.add_argument("--at-weight", type=float, default=100.0)
     p.add_argument("--ema", type=float, default=0.999, help="finetune --ema")

@@ -64,7 +64,7 @@ class FinetuneConfig:
     # 15 at 1e-3 0.51–1.20 (two teachers), 30 with the weight average 0.83, 60 with it −0.09 (the
     # last epoch; two rounds of 30 with a re-search between: 0.05). ~17 s an epoch there.
     epochs: int = 60
-    lr: float = 1e-3  # peak Adam learning rate; cosine decay to 0 over the epochs
+    lr: float | None = None  # peak Adam learning rate (cosine decay to 0); None: default_lr(model)
     batch_size: int = 64
     temperature: float = 2.0
     kd_weight: float = 1.0
@@ -86,7 +86,8 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)) or self.batch_size < 1 or self.threads < 1:
+        if (self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr))) or self.batch_size < 1 \
+                or self.threads < 1:
             raise ConfigError(f"need --lr > 0, --batch-size >= 1 and --threads >= 1, got {self.lr}, "
                               f"{self.batch_size}, {self.threads}")
         weights = (self.kd_weight, self.ce_weight, self.at_weight)
@@ -107,11 +108,27 @@ class FinetuneConfig:
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path(self.result_path).parent
 
-    def recipe(self) -> dict:
-        keys = ("epochs", "lr", "batch_size", "temperature", "kd_weight", "ce_weight", "at_weight", "ema", "seed",
+    def recipe(self, model: str) -> dict:
+        keys = ("epochs", "batch_size", "temperature", "kd_weight", "ce_weight", "at_weight", "ema", "seed",
                 "max_train")
         d = {k: v for k, v in asdict(self).items() if k in keys}
-        return {**d, "optimizer": "adam", "schedule": "cosine", "selection": SELECTIONS[self.select]}
+        return {**d, "lr": self.peak_lr(model), "lr_rule": "given" if self.lr is not None else f"default for {model}",
+                "optimizer": "adam", "schedule": "cosine", "selection": SELECTIONS[self.select]}
+
+    def peak_lr(self, model: str) -> float:
+        return self.lr if self.lr is not None else default_lr(model)
+
+
+# Peak Adam learning rate when --lr is not given. Measured on CIFAR-10 (benchmarks/cifar10.md):
+# LeNet5 trains well at 1e-3 (60 epochs: drop −0.09); VGG16, whose BatchNorm is folded into the
+# convolutions, got worse after one epoch at 1e-3 and reached drops of 0.14–0.57 at 3e-4. The
+# other deep zoo models (BN-folded as well) take VGG's value until measured.
+DEFAULT_LR = {"lenet5": 1e-3}
+DEFAULT_LR_DEEP = 3e-4
+
+
+def default_lr(model: str) -> float:
+    return DEFAULT_LR.get(model, DEFAULT_LR_DEEP)
 
 
 SELECTIONS = {
@@ -342,7 +359,7 @@ def _finetune(cfg: FinetuneConfig, inp: _Inputs, device: torch.device, progress)
     student, target = trainable_student(init, luts, device), training_teacher(teacher, device)
     average = WeightAverage(student, cfg.ema) if cfg.ema else None
     rec_s, rec_t = TapRecorder(student, at_layers), TapRecorder(target, at_layers)
-    opt = torch.optim.Adam(student.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(student.parameters(), lr=cfg.peak_lr(teacher.meta["model"]))
     steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -429,7 +446,7 @@ def _sidecar_meta(cfg: FinetuneConfig, inp: _Inputs, ds: Dataset, before: ZooMod
         "teacher": {"path": relative(teacher.weights_path.with_name("teacher.json"), out), "sha256": teacher.sha256},
         "result": {"path": relative(inp.result.path, out), "digest": inp.result.digest},
         "layers": {n: lut.to_json() for n, lut in inp.luts.items()},
-        "recipe": cfg.recipe(), "device": str(device), "arithmetic": quant.ARITHMETIC,
+        "recipe": cfg.recipe(teacher.meta["model"]), "device": str(device), "arithmetic": quant.ARITHMETIC,
         "init": ("teacher" if inp.init is teacher else
                  {"student": relative(inp.init.weights_path.with_name(SIDECAR_NAME), out), "weights_sha256": inp.init.sha256}),
         "chosen_epoch": epoch, "epochs": [asdict(r) for r in history],

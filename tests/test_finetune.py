@@ -15,8 +15,8 @@ from deploy_kit import quant
 from deploy_kit.cli import main
 from deploy_kit.data import load_dataset
 from deploy_kit.errors import CheckpointError, ConfigError, OutputExistsError
-from deploy_kit.finetune import (SELECTIONS, FinetuneConfig, TapRecorder, finetune, frozen_student, mcnemar_worse,
-                                 trainable_student)
+from deploy_kit.finetune import (SELECTIONS, FinetuneConfig, TapRecorder, default_lr, finetune, frozen_student,
+                                 mcnemar_worse, trainable_student)
 from deploy_kit.fsutil import sha256_file, write_json
 from deploy_kit.lut import LayerLUT, LUTActivation
 from deploy_kit.result import content_digest, load_result
@@ -100,8 +100,18 @@ def test_sidecar_and_result_entry(tuned):
     assert meta["accuracy"]["after"]["val"] == epochs[meta["chosen_epoch"]]["val_acc"]
     assert set(meta["layer_at_distance"]) == {"conv1", "conv2"}
     assert meta["recipe"]["epochs"] == 3 and meta["recipe"]["seed"] == 0 and meta["device"] == "cpu"
+    assert meta["recipe"]["lr"] == 1e-3 and meta["recipe"]["lr_rule"] == "default for lenet5"
     m = raw["student"]["metrics"]
     assert m["acc_drop"] == pytest.approx(m["acc_teacher"] - m["acc_student"], abs=0.011)
+
+
+def test_default_learning_rate_is_per_model(tmp_path):
+    assert default_lr("lenet5") == 1e-3
+    assert {default_lr(m) for m in ("vgg16", "vgg19", "mobilenet_v1", "nin", "alexnet")} == {3e-4}
+    given = FinetuneConfig(result_path=tmp_path / "result.json", lr=5e-4)
+    assert given.peak_lr("vgg16") == 5e-4 and given.recipe("vgg16")["lr_rule"] == "given"
+    auto = FinetuneConfig(result_path=tmp_path / "result.json")
+    assert auto.peak_lr("vgg16") == 3e-4 and auto.recipe("vgg16")["lr"] == 3e-4
 
 
 def test_mcnemar_counts_only_the_images_where_the_two_differ():

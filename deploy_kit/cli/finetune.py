@@ -17,8 +17,9 @@ from deploy_kit.device import DEVICES
               help="Teacher run folder; default: the `teacher.path` recorded in result.json.")
 @click.option("--epochs", default=60, show_default=True, type=click.IntRange(1, 100_000),
               help="Training epochs (cosine schedule to 0).")
-@click.option("--lr", default=1e-3, show_default=True, type=Finite(min=0, min_open=True),
-              help="Peak Adam learning rate (cosine decay to 0).")
+@click.option("--lr", default=None, type=Finite(min=0, min_open=True),
+              help="Peak Adam learning rate (cosine decay to 0).  [default: 1e-3 for lenet5, 3e-4 for the "
+                   "deeper, BatchNorm-folded zoo models (1e-3 made VGG16 worse after one epoch)]")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=2.0, show_default=True, type=Finite(min=0, min_open=True),
               help="Distillation temperature T of the KL term.")
@@ -60,7 +61,7 @@ def command(result_path, teacher_path, epochs, lr, batch_size, temperature, kd_w
     \b
     Example:
       deploykit finetune --config runs/lenet5/result.json
-      deploykit finetune --config runs/vgg16/result.json --epochs 8 --lr 3e-4 --force
+      deploykit finetune --config runs/vgg16/result.json --epochs 8 --force
     """
     from deploy_kit.finetune import FinetuneConfig, finetune
 
