@@ -27,3 +27,4 @@ run python "$here/hand_result.py" "$out/narrow" "$out/narrow/result_research.jso
 run deploykit export --config "$out/narrow/result_research.json" --teacher "$out/narrow" --target all --force
 # the codes are not tuned (research initial codes): the accuracy drop is not what is checked
 run deploykit verify --exports "$out/narrow/exports" --max-drop 100 --threads 1
+run python "$here/table.py" "$out"
