@@ -43,7 +43,10 @@ def research_model(name: str, checkpoint: Path, classes: int) -> torch.nn.Module
 def against(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict:
     return {"acc": accuracy(logits, labels),
             "top1_agreement": round(100.0 * float((logits.argmax(1) == reference.argmax(1)).mean()), 2),
-            "max_abs_dlogit": float(np.abs(logits - reference).max())}
+            "max_abs_dlogit": float(np.abs(logits - reference).max()),
+            # images whose largest logit is shared by several classes (argmax takes the first):
+            # the int8 logits of a barely trained model sit on few output codes
+            "tied_top1": int(((logits == logits.max(1, keepdims=True)).sum(1) > 1).sum())}
 
 
 def main() -> None:
@@ -69,6 +72,7 @@ def main() -> None:
     out = {"model": args.model, "checkpoint": str(args.checkpoint), "run": str(args.run), "data": args.data,
            "split": args.split, "images": len(split),
            "research_stored_scales_acc": accuracy(ref, split.labels),
+           "research_tied_top1": int(((ref == ref.max(1, keepdims=True)).sum(1) > 1).sum()),
            "deploykit_fake_quant": against(ref, fake_quant, split.labels),
            "deploykit_int8": against(ref, int8, split.labels)}
     log = args.checkpoint.parent / "train_research.json"
