@@ -46,7 +46,10 @@ def against(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> di
             "max_abs_dlogit": float(np.abs(logits - reference).max()),
             # images whose largest logit is shared by several classes (argmax takes the first):
             # the int8 logits of a barely trained model sit on few output codes
-            "tied_top1": int(((logits == logits.max(1, keepdims=True)).sum(1) > 1).sum())}
+            "tied_top1": int(((logits == logits.max(1, keepdims=True)).sum(1) > 1).sum()),
+            # disagreements where the reference's pick is one of the tied largest logits
+            "disagree_within_tie": int(((logits.argmax(1) != reference.argmax(1)) &
+                                        (logits[np.arange(len(logits)), reference.argmax(1)] == logits.max(1))).sum())}
 
 
 def main() -> None:
