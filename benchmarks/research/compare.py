@@ -23,16 +23,11 @@ from torch.ao.quantization import disable_observer, get_default_qat_qconfig, pre
 
 from common import RESEARCH_MODELS, import_research, one_thread, research_dataset, research_model_class, research_path
 from deploy_kit import quant
-from deploy_kit.research import symmetric_weights
 from deploy_kit.teacher import load_teacher
 from deploy_kit.train import accuracy, predict
 
 
-def research_model(name: str, checkpoint: Path, classes: int, requantize: bool = False) -> torch.nn.Module:
-    """The research model with the checkpoint loaded and observers off. `requantize`: first give
-    the weight channels torch left on an affine grid the symmetric grid `import` moves them to
-    (deploy_kit.research.symmetric_weights on the research names) — to see whether that change
-    accounts for every difference in fake-quant."""
+def research_model(name: str, checkpoint: Path, classes: int) -> torch.nn.Module:
     model = research_model_class(name)(num_classes=classes)
     model.eval()
     model.fuse_model()
@@ -40,10 +35,7 @@ def research_model(name: str, checkpoint: Path, classes: int, requantize: bool =
     torch.backends.quantized.engine = "fbgemm"
     model.qconfig = get_default_qat_qconfig("fbgemm")
     prepare_qat(model, inplace=True)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if requantize:
-        symmetric_weights(state, (-128, 127))
-    model.load_state_dict(state)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     model.apply(disable_observer)
     return model.eval()
 
@@ -68,15 +60,13 @@ def main() -> None:
     p.add_argument("--data", required=True, help="the --data spec the checkpoint was trained/imported with")
     p.add_argument("--research", default=None, help="research repo (default: $RESEARCH_REPO)")
     p.add_argument("--split", default="test", choices=("val", "test"))
-    p.add_argument("--requantize-research", action="store_true",
-                   help="re-quantize the research model's affine weight channels as import does (writes compare_requantized.json)")
     args = p.parse_args()
 
     one_thread()
     import_research(research_path(args.research))
     ds = research_dataset(args.data)
     split = ds.split(args.split)
-    ref = predict(research_model(args.model, args.checkpoint, len(ds.classes), args.requantize_research), split, ds)
+    ref = predict(research_model(args.model, args.checkpoint, len(ds.classes)), split, ds)
     teacher = load_teacher(args.run).model
     int8 = predict(teacher, split, ds)
     quant.use_runtime_arithmetic(teacher, on=False)
@@ -91,9 +81,7 @@ def main() -> None:
     log = args.checkpoint.parent / "train_research.json"
     if log.is_file():
         out["research_eval_as_it_ran"] = json.loads(log.read_text())["research_final_eval_acc"]
-    out["research_requantized"] = args.requantize_research
-    name = "compare_requantized.json" if args.requantize_research else "compare.json"
-    (args.run / name).write_text(json.dumps(out, indent=2) + "\n")
+    (args.run / "compare.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
 
