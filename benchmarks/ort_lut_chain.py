@@ -36,9 +36,8 @@ def _scalar(inits: dict, name: str) -> np.ndarray:
     return nh.to_array(inits[name])
 
 
-def code_domain_chains(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Every `<layer>/lut/` Less/Where chain of a deploykit graph moved onto the uint8 codes."""
-    g = proto.graph
+def _index(g: onnx.GraphProto) -> tuple[dict, dict, dict, list[str]]:
+    """Initializers by name, each tensor's producer and consumers, and the layers with a LUT chain."""
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -46,6 +45,13 @@ def code_domain_chains(proto: onnx.ModelProto) -> onnx.ModelProto:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     layers = sorted({n.name.split("/lut/")[0] for n in g.node if "/lut/Less" in n.name})
+    return inits, producer, consumers, layers
+
+
+def code_domain_chains(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Every `<layer>/lut/` Less/Where chain of a deploykit graph moved onto the uint8 codes."""
+    g = proto.graph
+    inits, producer, consumers, layers = _index(g)
     drop = set()
     for layer in layers:
         less = [n for n in g.node if n.name.startswith(f"{layer}/lut/Less")]
@@ -92,13 +98,7 @@ def gather_chains(proto: onnx.ModelProto) -> onnx.ModelProto:
     gap only."""
     proto = code_domain_chains(proto)
     g = proto.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    layers = sorted({n.name.split("/lut/")[0] for n in g.node if "/lut/Less" in n.name})
+    inits, producer, consumers, layers = _index(g)
     drop = set()
     for layer in layers:
         chain = [n for n in g.node if n.name.startswith(f"{layer}/lut/") and n.op_type in ("Less", "Where")]
