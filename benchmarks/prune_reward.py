@@ -19,12 +19,9 @@ from pathlib import Path
 
 import torch
 
-from deploy_kit.data import load_dataset, normalize
-from deploy_kit.prune import PruneConfig, _space, _train_images, _with_progress
+from deploy_kit.prune import PruneConfig, _with_progress, search_setup
 from deploy_kit.prune import agent as ag
-from deploy_kit.prune.latency import TableSpec, latency_table
 from deploy_kit.prune.reward import Scorer
-from deploy_kit.prune.surgery import float_from_teacher, full_channels, layer_infos, macs
 from deploy_kit.teacher import load_teacher
 
 
@@ -41,25 +38,17 @@ def main() -> None:
     torch.set_num_threads(1)
     teacher = load_teacher(args.teacher)
     meta = teacher.meta
-    in_shape = tuple(meta["input_shape"])
-    ds = load_dataset(meta["data"], meta["seed"])
     base = PruneConfig(teacher=args.teacher, budget=args.budget, runtime=args.runtime, episodes=args.episodes,
                        seed=args.seed)
-    x_bn = _train_images(ds, base.bn_images, base.seed)
-    model = float_from_teacher(teacher, x_bn)
-    infos = layer_infos(model, in_shape)
-    image = normalize(ds.split("val").images[:1], ds.norm)
-    spec = TableSpec(meta["model"], meta["width"], in_shape, base.runtime, full_channels(infos), base.table_random,
-                     seed=base.seed)
-    table = latency_table(spec, model, infos, x_bn, image)
-    space = _space(infos, table.predict if base.metric == "latency" else (lambda ch: float(macs(infos, ch))), base)
+    st = search_setup(base, teacher)
+    ds, space = st.ds, st.space
     rows = []
     for text in args.weights:
         alpha, beta, gamma = (float(v) for v in text.split(","))
         cfg = PruneConfig(teacher=args.teacher, budget=args.budget, runtime=args.runtime, episodes=args.episodes,
                           seed=args.seed, alpha=alpha, beta=beta, gamma=gamma)
         clock = time.perf_counter()
-        scorer = Scorer(model, infos, table, x_bn, ds.split("val"), ds, cfg)
+        scorer = Scorer(st.model, st.infos, st.table, st.x_bn, ds.split("val"), ds, cfg)
         torch.manual_seed(cfg.seed)
         ag.ppo_prune_search(space, _with_progress(scorer, cfg.episodes), cfg.episodes, cfg.ppo, cfg.seed)
         best = scorer.best()

@@ -136,9 +136,23 @@ def run_prune(cfg: PruneConfig, out: Path, force: bool = False, say: Callable[[s
         return _run(cfg, teacher, Path(out), force, device, say)
 
 
-def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say) -> PruneOutcome:
-    clock, seconds = time.perf_counter(), {}
-    torch.manual_seed(cfg.seed)
+@dataclass
+class SearchSetup:
+    """What the agent's search works on: the float model, its layers, the BN/timing images, the
+    latency table and the budgeted action space."""
+    ds: Dataset
+    x_bn: torch.Tensor
+    model: torch.nn.Module
+    infos: dict
+    image: np.ndarray
+    spec: TableSpec
+    table: object
+    space: ag.ChannelSpace
+
+
+def search_setup(cfg: PruneConfig, teacher: Teacher, say: Callable[[str], None] = print) -> SearchSetup:
+    """Load the data, rebuild the float model, measure (or read) the latency table and check the
+    budget is reachable; a MACs budget is checked before the slower table."""
     meta = teacher.meta
     in_shape = tuple(meta["input_shape"])
     ds = load_dataset(meta["data"], meta["seed"])
@@ -150,9 +164,20 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
         _check_reachable(_space(infos, lambda ch: float(macs(infos, ch)), cfg), cfg, meta["model"])
     spec = TableSpec(meta["model"], meta["width"], in_shape, cfg.runtime, full_channels(infos), cfg.table_random, seed=cfg.seed)
     table = latency_table(spec, model, infos, x_bn, image, say)
-    seconds["latency_table"] = round(time.perf_counter() - clock, 1)
     space = _space(infos, table.predict if cfg.metric == "latency" else (lambda ch: float(macs(infos, ch))), cfg)
     _check_reachable(space, cfg, meta["model"])
+    return SearchSetup(ds, x_bn, model, infos, image, spec, table, space)
+
+
+def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say) -> PruneOutcome:
+    clock, seconds = time.perf_counter(), {}
+    torch.manual_seed(cfg.seed)
+    meta = teacher.meta
+    in_shape = tuple(meta["input_shape"])
+    st = search_setup(cfg, teacher, say)
+    ds, x_bn, model, infos, image, spec, table, space = (st.ds, st.x_bn, st.model, st.infos, st.image, st.spec,
+                                                         st.table, st.space)
+    seconds["latency_table"] = round(time.perf_counter() - clock, 1)
 
     clock = time.perf_counter()
     scorer = Scorer(model, infos, table, x_bn, ds.split("val"), ds, cfg)
