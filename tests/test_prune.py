@@ -204,6 +204,19 @@ def test_unknown_runtime_and_existing_output(lenet_teacher, tmp_path):
     assert parse_budget("macs=0.25") == ("macs", 0.25)
 
 
+def test_distillation_rate_follows_the_teachers_optimizer(lenet_teacher, tmp_path):
+    from deploy_kit.prune.distil import default_lr
+
+    assert default_lr("sgd") == 1e-2 and default_lr("adam") == 1e-3
+    assert DistilConfig().lr is None and DistilConfig(lr=0.05).lr == 0.05
+    with pytest.raises(ConfigError):
+        DistilConfig(lr=0)
+    with pytest.raises(ConfigError):
+        PruneConfig(teacher=lenet_teacher, threads=0)
+    r = CliRunner().invoke(main, ["prune", "--teacher", str(lenet_teacher), "--kd-lr", "0", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and "--kd-lr" in r.output and not (tmp_path / "p").exists()
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.mark.slow
@@ -223,6 +236,7 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     assert sum(meta["channels"].values()) < sum(p["channels_full"].values()) + 10
     assert p["latency_ms"]["measured"]["pruned"] > 0 and p["latency_table"]["holdout_error_pct"]
     assert p["seed"] == 0 and p["budget"] == {"metric": "macs", "ratio": 0.5, "text": "macs=0.5"}
+    assert p["distil"]["lr"] == meta["config"]["lr"] == 1e-3  # the Adam teacher's default distillation rate
     log = [json.loads(line) for line in (out / "prune_log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and all(e["macs_ratio"] <= 0.5 for e in log)
 

@@ -25,18 +25,23 @@ from deploy_kit.device import DEVICES
 @click.option("--gamma", type=Finite(min=0), default=0.0, show_default=True, help="Reward weight of the predicted latency reduction.")
 @click.option("--kd-epochs", default=10, show_default=True, help="Distillation epochs (float) from the unpruned teacher.")
 @click.option("--qat-epochs", default=4, show_default=True, help="QAT epochs after distillation.")
+@click.option("--kd-lr", type=Finite(min=0, min_open=True), default=None,
+              help="Peak learning rate of the distillation epochs (one-cycle), with the teacher's optimizer.  "
+                   "[default: 1e-2 for an SGD teacher, 1e-3 for an Adam one]")
 @click.option("--kd-temperature", type=Finite(min=0, min_open=True), default=4.0, show_default=True, help="Distillation temperature T.")
 @click.option("--kd-alpha", type=Finite(0, 1), default=0.7, show_default=True, help="Weight of the KD term (1 − it on the labels' CE).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
               help="Where distillation and QAT run.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
+              help="Intra-op CPU threads (1 suits a shared machine; raise it on an idle one).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1),
               help="Seeds the agent, the BN and timing images, the latency table's configurations and training.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder for the pruned teacher.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
 @json_option
 @handle_errors
-def command(teacher, budget, runtime, method, episodes, alpha, beta, gamma, kd_epochs, qat_epochs, kd_temperature,
-            kd_alpha, device, seed, out, force, as_json):
+def command(teacher, budget, runtime, method, episodes, alpha, beta, gamma, kd_epochs, qat_epochs, kd_lr,
+            kd_temperature, kd_alpha, device, threads, seed, out, force, as_json):
     """Remove channels under a latency or MACs budget, then distil and QAT the pruned model.
 
     An actor-critic agent (the LUT search's PPO) picks a keep ratio per layer under a hard budget,
@@ -55,8 +60,8 @@ def command(teacher, budget, runtime, method, episodes, alpha, beta, gamma, kd_e
     from deploy_kit.prune.distil import DistilConfig
 
     cfg = PruneConfig(teacher=teacher, budget=budget, runtime=runtime, method=method, episodes=episodes, alpha=alpha,
-                      beta=beta, gamma=gamma, seed=seed, device=device,
-                      distil=DistilConfig(epochs=kd_epochs, qat_epochs=qat_epochs, temperature=kd_temperature,
+                      beta=beta, gamma=gamma, seed=seed, device=device, threads=threads,
+                      distil=DistilConfig(epochs=kd_epochs, qat_epochs=qat_epochs, lr=kd_lr, temperature=kd_temperature,
                                           alpha=kd_alpha))
     outcome = run_prune(cfg, out, force=force, say=say)
     p, acc = outcome.meta["pruning"], outcome.meta["accuracy"]["int8"]

@@ -76,6 +76,7 @@ class PruneConfig:
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(episodes_per_update=8))
     table_random: int = 12  # random configurations timed for the latency table's fit
     device: str = "auto"
+    threads: int = 1  # intra-op CPU threads for the whole stage (1: the machine is shared; see TrainConfig)
 
     def __post_init__(self):
         parse_budget(self.budget)
@@ -83,9 +84,9 @@ class PruneConfig:
             raise ConfigError(f"unknown --runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        if self.episodes < 1 or self.bn_images < 8 or self.table_random < 4:
-            raise ConfigError(f"need --episodes >= 1, bn_images >= 8, table_random >= 4, got {self.episodes}, "
-                              f"{self.bn_images}, {self.table_random}")
+        if self.episodes < 1 or self.bn_images < 8 or self.table_random < 4 or self.threads < 1:
+            raise ConfigError(f"need --episodes >= 1, --threads >= 1, bn_images >= 8, table_random >= 4, got "
+                              f"{self.episodes}, {self.threads}, {self.bn_images}, {self.table_random}")
         if min(self.alpha, self.beta, self.gamma) < 0:
             raise ConfigError(f"reward weights must be >= 0, got α={self.alpha} β={self.beta} γ={self.gamma}")
         if not 0 <= self.seed < 2**63:
@@ -132,7 +133,7 @@ def run_prune(cfg: PruneConfig, out: Path, force: bool = False, say: Callable[[s
         check_writable(Path(out) / name, force)
     teacher = load_teacher(cfg.teacher)
     device = resolve_device(cfg.device)
-    with torch_threads(1):
+    with torch_threads(cfg.threads):
         return _run(cfg, teacher, Path(out), force, device, say)
 
 
@@ -201,6 +202,7 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     seconds["measure"] = round(time.perf_counter() - clock, 1)
     channels = channel_counts(student)
     pruning = _pruning_record(cfg, spec, teacher, table, scorer, best, channels, infos, timing, seconds)
+    pruning["distil"]["lr"] = run_cfg.lr  # the rate the epochs ran at (the default rule resolved)
     new_meta = {**{k: v for k, v in meta.items() if k not in ("format", "weights", "weights_sha256")},
                 "seed": meta["seed"], "channels": channels,
                 "input_quant": quant.input_quant(student).to_dict(), "output_quant": quant.output_quant(student).to_dict(),
