@@ -176,33 +176,32 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     meta = teacher.meta
     in_shape = tuple(meta["input_shape"])
     st = search_setup(cfg, teacher, say)
-    ds, x_bn, model, infos, image, spec, table, space = (st.ds, st.x_bn, st.model, st.infos, st.image, st.spec,
-                                                         st.table, st.space)
     seconds["latency_table"] = round(time.perf_counter() - clock, 1)
 
     clock = time.perf_counter()
-    scorer = Scorer(model, infos, table, x_bn, ds.split("val"), ds, cfg)
+    scorer = Scorer(st.model, st.infos, st.table, st.x_bn, st.ds.split("val"), st.ds, cfg)
     if cfg.method == "ppo":
-        ag.ppo_prune_search(space, _with_progress(scorer, cfg.episodes), cfg.episodes, cfg.ppo, cfg.seed)
+        ag.ppo_prune_search(st.space, _with_progress(scorer, cfg.episodes), cfg.episodes, cfg.ppo, cfg.seed)
     else:
-        scorer([ag.uniform_config(space)])
+        scorer([ag.uniform_config(st.space)])
     best = scorer.best()
     seconds["search"] = round(time.perf_counter() - clock, 1)
     say(f"chosen: {best['channels']} (val {best['val_acc']}% before distillation, unpruned {scorer.acc0}%)")
 
     clock = time.perf_counter()
-    student = reestimate_bn(pruned_copy(model, best["channels"], in_shape), x_bn)
+    student = reestimate_bn(pruned_copy(st.model, best["channels"], in_shape), st.x_bn)
     train_cfg = _train_config(teacher)
+    distil = cfg.distil.resolved(train_cfg.optimizer)
     gen = torch.Generator().manual_seed(cfg.seed)
-    student, acc, run_cfg = distil_and_qat(student, teacher.model, ds.split("train"), ds, train_cfg, cfg.distil, gen, device)
+    student, acc, run_cfg = distil_and_qat(student, teacher.model, st.ds.split("train"), st.ds, train_cfg, distil, gen,
+                                           device)
     seconds["distil_qat"] = round(time.perf_counter() - clock, 1)
 
     clock = time.perf_counter()
-    timing = _measure_pair(teacher.model, student, in_shape, cfg.runtime, x_bn, image, cfg.seed)
+    timing = _measure_pair(teacher.model, student, in_shape, cfg.runtime, st.x_bn, st.image, cfg.seed)
     seconds["measure"] = round(time.perf_counter() - clock, 1)
     channels = channel_counts(student)
-    pruning = _pruning_record(cfg, spec, teacher, table, scorer, best, channels, infos, timing, seconds)
-    pruning["distil"]["lr"] = run_cfg.lr  # the rate the epochs ran at (the default rule resolved)
+    pruning = _pruning_record(cfg, distil, st, teacher, scorer, best, channels, timing, seconds)
     new_meta = {**{k: v for k, v in meta.items() if k not in ("format", "weights", "weights_sha256")},
                 "seed": meta["seed"], "channels": channels,
                 "input_quant": quant.input_quant(student).to_dict(), "output_quant": quant.output_quant(student).to_dict(),
@@ -251,7 +250,8 @@ def _measure_pair(unpruned, pruned, in_shape, runtime: str, x_bn, image, seed: i
     return {"unpruned": base, "pruned": ms}
 
 
-def _pruning_record(cfg, spec, teacher, table, scorer, best, channels, infos, timing, seconds) -> dict:
+def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, best, channels, timing, seconds) -> dict:
+    spec, table, infos = st.spec, st.table, st.infos
     full = full_channels(infos)
     kept = {n: channels[n] for n in full}
     predicted = {"unpruned": round(table.predict(full), 5), "pruned": round(table.predict(kept), 5)}
@@ -265,7 +265,7 @@ def _pruning_record(cfg, spec, teacher, table, scorer, best, channels, infos, ti
         "runtime": cfg.runtime, "seed": cfg.seed, "episodes": len(scorer.records),
         "reward": {"alpha": cfg.alpha, "beta": cfg.beta, "gamma": cfg.gamma, "split": "val",
                    "bn_images": cfg.bn_images, "val_acc_unpruned": scorer.acc0, "chosen": best},
-        "channels_full": full, "ppo": cfg.ppo.to_dict(), "distil": cfg.distil.to_dict(),
+        "channels_full": full, "ppo": cfg.ppo.to_dict(), "distil": distil.to_dict(),
         "latency_ms": {"measured": timing, "predicted": predicted, "table_error_pct": err,
                        "measured_ratio": round(ratio["measured"], 4), "predicted_ratio": round(ratio["predicted"], 4),
                        "threads": 1, "batch": 1},

@@ -38,6 +38,10 @@ class DistilConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def resolved(self, optimizer: str) -> DistilConfig:
+        """This config with the learning rate it will run at (the default rule applied)."""
+        return self if self.lr is not None else replace(self, lr=default_lr(optimizer))
+
 
 # Distillation re-trains a pruned copy of trained weights with the teacher's own optimizer. Adam: 1e-3
 # (measured on digits, benchmarks/prune.md). SGD: 0.01, a fifth of the 0.05 the CIFAR-10 teachers were
@@ -68,7 +72,7 @@ def distil_and_qat(student: ZooModel, teacher: ZooModel, train, ds: Dataset, tra
     """Distil the pruned float `student` in place, then QAT; returns the frozen QAT model and the
     accuracies (float after KD, fake-quant, int8) on val and test, as `train` records them, and
     the train config the epochs ran with."""
-    lr = cfg.lr if cfg.lr is not None else default_lr(train_cfg.optimizer)
-    run_cfg = replace(train_cfg, epochs=cfg.epochs, qat_epochs=cfg.qat_epochs, lr=lr, qat_lr=cfg.qat_lr)
+    cfg = cfg.resolved(train_cfg.optimizer)
+    run_cfg = replace(train_cfg, epochs=cfg.epochs, qat_epochs=cfg.qat_epochs, lr=cfg.lr, qat_lr=cfg.qat_lr)
     accuracy = fit_and_quantize(student, train, ds, run_cfg, gen, device, "distil", kd_loss(teacher, cfg))
     return student, accuracy, run_cfg
