@@ -279,7 +279,8 @@ PRUNE = ("--teacher", RUN, "--out", f"{TMP}/pruned", "--budget", "macs=0.5", "--
 PRUNE_BAD = [("--budget", "macs=1.5"), ("--budget", "macs=0"), ("--budget", "latency=-0.5"), ("--budget", "macs=nan"),
              ("--budget", "flops=0.5"), ("--budget", "macs"), ("--runtime", "tflite-gpu"), ("--method", "random"),
              ("--episodes", "0"), ("--seed", "-1"), ("--alpha", "nan"), ("--kd-epochs", "-1"), ("--qat-epochs", "0"),
-             ("--kd-temperature", "0"), ("--device", "tpu")]
+             ("--kd-temperature", "0"), ("--device", "tpu"), ("--kd-lr", "0"), ("--kd-lr", "nan"), ("--kd-lr", "-1"),
+             ("--threads", "0"), ("--threads", "two")]
 
 IMPORT = ("--research", f"{TMP}/ckpt.pth", "--model", "lenet5", "--data", "digits", "--out", f"{TMP}/imported")
 IMPORT_BAD = [("--model", "resnet9000"), ("--backend", "cuda"), ("--seed", "-1")]
