@@ -22,6 +22,10 @@ what those weights put between its steps. Fine-tuning is the QAT of the approxim
     within an image or two and the maximum picks noise: on digits seeds 0–2 the last averaged
     epoch was within 0.28 pt of the teacher on test, the best-on-validation one 0.56
     (benchmarks/cifar10.md). The test split is measured once, for the kept epoch.
+  - for the kept student, each layer's *exact gain*: the validation points won back by giving
+    that one layer its exact activation again (`layer_exact_gain`). The layers the staircase
+    still costs most are the ones to leave out first (`search --layers`); on CIFAR-10 VGG16-0.25
+    they were the first blocks (benchmarks/cifar10.md, session 9).
 
 Writes student.safetensors + student.json next to result.json and records the student (path,
 sha256, metrics) in result.json's `student` entry; export, verify and report then use it.
@@ -176,7 +180,8 @@ class FinetuneOutcome:
         return {"student": str(self.sidecar), "result": str(self.result_path), "epoch": self.meta["chosen_epoch"],
                 "acc_teacher": a["teacher"]["test"], "acc_student_before": a["before"]["test"],
                 "acc_student": a["after"]["test"], "acc_drop": round(a["teacher"]["test"] - a["after"]["test"], 2),
-                "images_per_s": self.meta["images_per_s"], "seconds": round(self.seconds, 2)}
+                "images_per_s": self.meta["images_per_s"], "seconds": round(self.seconds, 2),
+                "layer_exact_gain": self.meta.get("layer_exact_gain", {})}
 
 
 # ----------------------------------------------------------------------------- the training pieces
@@ -284,6 +289,19 @@ def layer_distances(model: ZooModel, teacher: Teacher, split: Split, ds: Dataset
     finally:
         rec_s.close(), rec_t.close()
     return {n: v / len(split) for n, v in out.items()}
+
+
+def exact_gains(model: ZooModel, teacher: Teacher, luts: dict[str, LayerLUT], split: Split, ds: Dataset) -> dict[str, float]:
+    """Per approximated layer, the accuracy points (on `split`) the frozen student wins back when
+    that one layer keeps its exact activation and every other LUT stays: where the staircase still
+    costs most after fine-tuning, so the first layer `search --layers` could leave exact."""
+    trial = copy.deepcopy(model)
+    base = accuracy(predict(trial, split, ds), split.labels)
+    gains = {}
+    for name in luts:
+        install_luts(trial, {n: lut for n, lut in luts.items() if n != name}, teacher.layer_quant)
+        gains[name] = round(accuracy(predict(trial, split, ds), split.labels) - base, 2)
+    return gains
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -454,6 +472,7 @@ def _sidecar_meta(cfg: FinetuneConfig, inp: _Inputs, ds: Dataset, before: ZooMod
                      "before": {s: acc(before, s) for s in ("val", "test")},
                      "after": {s: acc(after, s) for s in ("val", "test")}},
         "layer_at_distance": {n: {"before": round(dist_before[n], 8), "after": round(dist_after[n], 8)} for n in at_layers},
+        "layer_exact_gain": exact_gains(after, teacher, inp.luts, val, ds),
         "versions": versions(),
     }
 

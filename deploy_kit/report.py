@@ -360,6 +360,14 @@ def finetune_html(files: RunFiles) -> str:
         out.append("<p>Attention-transfer distance to the teacher per conv layer (validation, ×10⁴):</p>")
         out.append(_table(["layer", "before", "after"], [[n, f"{1e4 * d['before']:.3f}", f"{1e4 * d['after']:.3f}"]
                                                          for n, d in dist.items()], numeric={1, 2}))
+    gains = st.get("layer_exact_gain") or {}
+    if gains:
+        out.append("<p>Validation points the kept student wins back when one layer keeps its exact activation "
+                   "(every other LUT in place): the largest is the layer to leave out first "
+                   "(<code>deploykit search --layers</code>).</p>")
+        out.append(_table(["layer", "val gain if exact (pts)"], [[n, f"{g:+.2f}"] for n, g in
+                                                                 sorted(gains.items(), key=lambda kv: -kv[1])],
+                          numeric={1}))
     out.append(_img(finetune_figure(st["epochs"]), "fine-tuning curve"))
     return "\n".join(out)
 

@@ -196,6 +196,7 @@ class StudentSidecar(Record):
     epochs: list[EpochRecord] = Field(min_length=1)
     recipe: dict = Field(default_factory=dict)
     layer_at_distance: dict[Name, BeforeAfter] = Field(default_factory=dict)
+    layer_exact_gain: dict[Name, Finite] = Field(default_factory=dict)
 
 
 class Artifact(Record):

@@ -22,7 +22,7 @@ from deploy_kit.lut import LayerLUT, LUTActivation
 from deploy_kit.result import content_digest, load_result
 from deploy_kit.student import load_student
 from deploy_kit.teacher import load_teacher
-from deploy_kit.train import predict
+from deploy_kit.train import accuracy, predict
 
 # A coarse staircase over the bulk of the codes (p50..p90 of the tiny teacher): far from the teacher, so fine-tuning has something to recover.
 CODES = {"t1_code": 10, "v1_code": 40, "t2_code": 70, "v2_code": 110, "tmax_code": 150}
@@ -105,6 +105,28 @@ def test_sidecar_and_result_entry(tuned):
     assert m["acc_drop"] == pytest.approx(m["acc_teacher"] - m["acc_student"], abs=0.011)
 
 
+def test_exact_gain_is_what_the_saved_student_wins_back_per_layer(tuned):
+    """student.json's layer_exact_gain, recomputed from the files alone: the saved student with one
+    layer's LUT removed, against the saved student with every LUT, on validation."""
+    run, outcome = tuned
+    meta = json.loads((run / "student.json").read_text())
+    result = load_result(run / "result.json")
+    teacher = load_teacher(run)
+    student = load_student(result, teacher)
+    ds = load_dataset("digits", 0)
+    val = ds.split("val")
+    luts = dict(result.layers)
+    acc = lambda m: accuracy(predict(m, val, ds), val.labels)  # noqa: E731
+    base = acc(student.student(luts))
+    assert base == pytest.approx(meta["accuracy"]["after"]["val"], abs=0.01)
+    gains = meta["layer_exact_gain"]
+    assert set(gains) == set(luts) and len(luts) >= 2
+    for name in luts:
+        exact = acc(student.student({n: lut for n, lut in luts.items() if n != name}))
+        assert gains[name] == pytest.approx(exact - base, abs=0.011)
+    assert outcome.summary()["layer_exact_gain"] == gains
+
+
 def test_default_learning_rate_is_per_model(tmp_path):
     assert default_lr("lenet5") == 1e-3
     assert {default_lr(m) for m in ("vgg16", "vgg19", "mobilenet_v1", "nin", "alexnet")} == {3e-4}
@@ -181,6 +203,9 @@ def test_report_shows_before_and_after(tuned, tmp_path):
     assert f"kept epoch <b>{outcome.meta['chosen_epoch']}</b>" in section
     assert f"{a['before']['test']:.2f}" in section and f"{a['after']['test']:.2f}" in section
     assert "conv1" in section and "conv2" in section and 'alt="fine-tuning curve"' in section
+    gains = section[section.index("val gain if exact"):]
+    assert all(f"<td>{n}</td><td class=\"num\">{g:+.2f}</td>" in gains
+               for n, g in outcome.meta["layer_exact_gain"].items())
     assert f"after fine-tuning: student {a['after']['test']}%" in page
 
 

@@ -74,5 +74,10 @@ def command(result_path, teacher_path, epochs, lr, batch_size, temperature, kd_w
     say(f"kept epoch {s['epoch']} (--select {select}); {s['images_per_s']} img/s, {s['seconds']:.1f}s")
     say(f"test accuracy: teacher {s['acc_teacher']:.2f}%  student {s['acc_student_before']:.2f}% → "
         f"{s['acc_student']:.2f}%  drop {s['acc_drop']:.2f} pts")
+    gains = s["layer_exact_gain"]
+    if gains and max(gains.values()) > 0:
+        name = max(gains, key=gains.get)
+        say(f"costliest LUT: {name} (val +{gains[name]:.2f} pts if left exact; leave it out with "
+            f"`deploykit search --layers {','.join(n for n in gains if n != name)}`)")
     say(f"student → {outcome.sidecar}   recorded in {outcome.result_path}")
     emit(s)
