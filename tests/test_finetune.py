@@ -336,6 +336,23 @@ def test_weight_average_follows_the_weights_and_is_what_is_kept(lenet_teacher, t
     assert round(100.0 * float((predict(kept, val, ds).argmax(1) == val.labels).mean()), 2) == chosen["val_acc"]
 
 
+def test_cli_names_the_costliest_layer_and_the_search_that_leaves_it_out(lenet_teacher, tmp_path):
+    run = make_run(lenet_teacher, tmp_path / "run")
+    res = CliRunner().invoke(main, ["finetune", "--config", str(run / "result.json"), "--epochs", "1",
+                                    "--max-train", "200", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    gains = json.loads(res.stdout)["layer_exact_gain"]
+    assert gains == json.loads((run / "student.json").read_text())["layer_exact_gain"]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("costliest LUT")]
+    if max(gains.values()) <= 0:  # no layer would win anything back: nothing to suggest
+        assert lines == []
+        return
+    name = max(gains, key=gains.get)
+    rest = ",".join(n for n in gains if n != name)
+    assert lines == [f"costliest LUT: {name} (val +{gains[name]:.2f} pts if left exact); to leave it out: "
+                     f"`deploykit search --teacher {run} --layers {rest} --out NEW.json`"]
+
+
 @pytest.mark.parametrize("args, match", [(["--epochs", "0"], "--epochs"), (["--device", "tpu"], "--device"),
                                          (["--ema", "1"], "--ema")])
 def test_cli_refusals(lenet_teacher, tmp_path, args, match):

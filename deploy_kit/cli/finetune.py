@@ -77,7 +77,8 @@ def command(result_path, teacher_path, epochs, lr, batch_size, temperature, kd_w
     gains = s["layer_exact_gain"]
     if gains and max(gains.values()) > 0:
         name = max(gains, key=gains.get)
-        say(f"costliest LUT: {name} (val +{gains[name]:.2f} pts if left exact; leave it out with "
-            f"`deploykit search --layers {','.join(n for n in gains if n != name)}`)")
+        teacher_dir = (outcome.sidecar.parent / outcome.meta["teacher"]["path"]).parent
+        say(f"costliest LUT: {name} (val +{gains[name]:.2f} pts if left exact); to leave it out: `deploykit search "
+            f"--teacher {teacher_dir} --layers {','.join(n for n in gains if n != name)} --out NEW.json`")
     say(f"student → {outcome.sidecar}   recorded in {outcome.result_path}")
     emit(s)
