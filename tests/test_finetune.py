@@ -339,10 +339,10 @@ def test_weight_average_follows_the_weights_and_is_what_is_kept(lenet_teacher, t
 def test_cli_names_the_costliest_layer_and_the_search_that_leaves_it_out(lenet_teacher, tmp_path):
     run = make_run(lenet_teacher, tmp_path / "run")
     res = CliRunner().invoke(main, ["finetune", "--config", str(run / "result.json"), "--epochs", "1",
-                                    "--max-train", "200", "--device", "cpu", "--json"])
+                                    "--max-train", "200", "--device", "cpu", "--out", str(run / "student"), "--json"])
     assert res.exit_code == 0, res.output
     gains = json.loads(res.stdout)["layer_exact_gain"]
-    assert gains == json.loads((run / "student.json").read_text())["layer_exact_gain"]
+    assert gains == json.loads((run / "student" / "student.json").read_text())["layer_exact_gain"]
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("costliest LUT")]
     if max(gains.values()) <= 0:  # no layer would win anything back: nothing to suggest
         assert lines == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -77,7 +78,7 @@ def command(result_path, teacher_path, epochs, lr, batch_size, temperature, kd_w
     gains = s["layer_exact_gain"]
     if gains and max(gains.values()) > 0:
         name = max(gains, key=gains.get)
-        teacher_dir = (outcome.sidecar.parent / outcome.meta["teacher"]["path"]).parent
+        teacher_dir = Path(os.path.normpath(outcome.sidecar.parent / outcome.meta["teacher"]["path"])).parent
         say(f"costliest LUT: {name} (val +{gains[name]:.2f} pts if left exact); to leave it out: `deploykit search "
             f"--teacher {teacher_dir} --layers {','.join(n for n in gains if n != name)} --out NEW.json`")
     say(f"student → {outcome.sidecar}   recorded in {outcome.result_path}")
