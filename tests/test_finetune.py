@@ -274,6 +274,28 @@ def test_student_path_must_stay_inside_its_folder(tuned, tmp_path):
         load_result(copy / "result.json")  # refused where result.json is read, before any use
 
 
+@pytest.mark.parametrize("gains", [{"conv1": "lots"}, {"conv1": None}, [0.5], {"conv1": [1]}])
+def test_resealed_student_with_bad_exact_gains_is_refused(tuned, tmp_path, gains):
+    """A student.json whose layer_exact_gain is not {layer: number}, with result.json's hash updated
+    to match: the schema refuses it — one line, exit 2, no export written."""
+    run, _ = tuned
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    meta = json.loads((copy / "student.json").read_text())
+    meta["layer_exact_gain"] = gains
+    write_json(copy / "student.json", meta)
+    raw = json.loads((copy / "result.json").read_text())
+    raw["student"]["sha256"] = sha256_file(copy / "student.json")
+    write_json(copy / "result.json", raw)
+    with pytest.raises(CheckpointError, match="layer_exact_gain"):
+        load_student(load_result(copy / "result.json"), load_teacher(copy))
+    res = CliRunner().invoke(main, ["export", "--config", str(copy / "result.json"), "--target", "onnx",
+                                    "--out", str(tmp_path / "exports")])
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "layer_exact_gain" in lines[0]
+    assert not (tmp_path / "exports").exists()
+
+
 def test_existing_student_needs_force(tuned):
     run, _ = tuned
     before = {p.name: sha256_file(p) for p in run.iterdir()}
