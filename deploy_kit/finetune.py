@@ -181,7 +181,7 @@ class FinetuneOutcome:
                 "acc_teacher": a["teacher"]["test"], "acc_student_before": a["before"]["test"],
                 "acc_student": a["after"]["test"], "acc_drop": round(a["teacher"]["test"] - a["after"]["test"], 2),
                 "images_per_s": self.meta["images_per_s"], "seconds": round(self.seconds, 2),
-                "layer_exact_gain": self.meta.get("layer_exact_gain", {})}
+                "layer_exact_gain": self.meta["layer_exact_gain"]}
 
 
 # ----------------------------------------------------------------------------- the training pieces
@@ -291,12 +291,13 @@ def layer_distances(model: ZooModel, teacher: Teacher, split: Split, ds: Dataset
     return {n: v / len(split) for n, v in out.items()}
 
 
-def exact_gains(model: ZooModel, teacher: Teacher, luts: dict[str, LayerLUT], split: Split, ds: Dataset) -> dict[str, float]:
-    """Per approximated layer, the accuracy points (on `split`) the frozen student wins back when
-    that one layer keeps its exact activation and every other LUT stays: where the staircase still
-    costs most after fine-tuning, so the first layer `search --layers` could leave exact."""
+def exact_gains(model: ZooModel, teacher: Teacher, luts: dict[str, LayerLUT], split: Split, ds: Dataset,
+                base: float) -> dict[str, float]:
+    """Per approximated layer, the accuracy points (on `split`) the frozen student — `base` % with
+    every LUT — wins back when that one layer keeps its exact activation and every other LUT stays:
+    where the staircase still costs most after fine-tuning, so the first layer `search --layers`
+    could leave exact."""
     trial = copy.deepcopy(model)
-    base = accuracy(predict(trial, split, ds), split.labels)
     gains = {}
     for name in luts:
         install_luts(trial, {n: lut for n, lut in luts.items() if n != name}, teacher.layer_quant)
@@ -458,6 +459,9 @@ def _sidecar_meta(cfg: FinetuneConfig, inp: _Inputs, ds: Dataset, before: ZooMod
     val = ds.split("val")
     dist_before = layer_distances(before, teacher, val, ds, at_layers)
     dist_after = layer_distances(after, teacher, val, ds, at_layers)
+    accuracies = {"teacher": {s: acc(teacher.model, s) for s in ("val", "test")},
+                  "before": {s: acc(before, s) for s in ("val", "test")},
+                  "after": {s: acc(after, s) for s in ("val", "test")}}
     return {
         "model": teacher.arch, "width": teacher.meta["width"], "input_shape": teacher.meta["input_shape"],
         "classes": teacher.meta["classes"], "data": teacher.meta["data"],
@@ -468,11 +472,9 @@ def _sidecar_meta(cfg: FinetuneConfig, inp: _Inputs, ds: Dataset, before: ZooMod
         "init": ("teacher" if inp.init is teacher else
                  {"student": relative(inp.init.weights_path.with_name(SIDECAR_NAME), out), "weights_sha256": inp.init.sha256}),
         "chosen_epoch": epoch, "epochs": [asdict(r) for r in history],
-        "accuracy": {"teacher": {s: acc(teacher.model, s) for s in ("val", "test")},
-                     "before": {s: acc(before, s) for s in ("val", "test")},
-                     "after": {s: acc(after, s) for s in ("val", "test")}},
+        "accuracy": accuracies,
         "layer_at_distance": {n: {"before": round(dist_before[n], 8), "after": round(dist_after[n], 8)} for n in at_layers},
-        "layer_exact_gain": exact_gains(after, teacher, inp.luts, val, ds),
+        "layer_exact_gain": exact_gains(after, teacher, inp.luts, val, ds, base=accuracies["after"]["val"]),
         "versions": versions(),
     }
 
