@@ -189,14 +189,15 @@ def _run_epochs(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, ep
 
 
 def fit_and_quantize(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, gen: torch.Generator,
-                     device: torch.device, label: str = "float", loss_fn=None) -> dict:
+                     device: torch.device, label: str = "float", loss_fn=None, qat_loss_fn=None) -> dict:
     """`cfg.epochs` float epochs (with `loss_fn`, else cross-entropy), BatchNorm folded, then
-    `cfg.qat_epochs` of QAT and the weight scales frozen; the model is changed in place. Returns
-    the float / fake-quant / INT8 accuracies on val and test, as teacher.json records them."""
+    `cfg.qat_epochs` of QAT (with `qat_loss_fn`, else cross-entropy) and the weight scales frozen;
+    the model is changed in place. Returns the float / fake-quant / INT8 accuracies on val and
+    test, as teacher.json records them."""
     _run_epochs(model, train, ds, cfg, cfg.epochs, cfg.lr, label, gen, device, loss_fn, cfg.optimizer, cfg.weight_decay)
     acc_float = _evaluate(model, ds)
     quant.prepare_qat(quant.fold_batchnorm(model))
-    _run_epochs(model, train, ds, cfg, cfg.qat_epochs, cfg.qat_lr, "qat", gen, device)
+    _run_epochs(model, train, ds, cfg, cfg.qat_epochs, cfg.qat_lr, "qat", gen, device, qat_loss_fn)
     quant.freeze(model)
     return {"float": acc_float, "fake_quant": _evaluate(model, ds),
             "int8": _evaluate(quant.convert_int8(model, cfg.backend), ds)}

@@ -213,8 +213,68 @@ def test_distillation_rate_follows_the_teachers_optimizer(lenet_teacher, tmp_pat
         DistilConfig(lr=0)
     with pytest.raises(ConfigError):
         PruneConfig(teacher=lenet_teacher, threads=0)
-    r = CliRunner().invoke(main, ["prune", "--teacher", str(lenet_teacher), "--kd-lr", "0", "--out", str(tmp_path / "p")])
-    assert r.exit_code == 2 and "--kd-lr" in r.output and not (tmp_path / "p").exists()
+    for flag in ("--kd-lr", "--kd-at-weight"):
+        r = CliRunner().invoke(main, ["prune", "--teacher", str(lenet_teacher), flag, "-1", "--out", str(tmp_path / "p")])
+        assert r.exit_code == 2 and flag in r.output and not (tmp_path / "p").exists()
+    with pytest.raises(ConfigError, match="--kd-at-weight"):
+        DistilConfig(at_weight=float("nan"))
+
+
+def _conv_taps(model):
+    return [b.tap for b in model.blocks().values() if isinstance(b.op, torch.nn.Conv2d)]
+
+
+def test_distillation_adds_attention_transfer_at_every_conv_block(lenet_teacher, float_lenet, digits):
+    """loss(λ) = loss(0) + λ · mean over conv blocks of the attention-map distance, computed here
+    from hooks of the test's own; the term reaches the first block's weights; close() unhooks."""
+    from deploy_kit.prune.distil import Distillation
+
+    teacher = load_teacher(lenet_teacher).model
+    model, x_bn = float_lenet
+    student = sg.reestimate_bn(sg.pruned_copy(model, {"conv1": 4, "conv2": 8}, SHAPE), x_bn).train()
+    x, y = x_bn[:32], torch.from_numpy(digits.split("train").labels[:32])
+    feats = {}
+    hooks = [tap.register_forward_hook(lambda m, i, o, key=(who, k): feats.__setitem__(key, o))
+             for who, net in (("s", student), ("t", teacher)) for k, tap in enumerate(_conv_taps(net))]
+    plain, with_at = Distillation(teacher, student, DistilConfig(at_weight=0)), Distillation(teacher, student, DistilConfig(at_weight=100))
+    logits = student(x)
+    loss0, loss1 = plain(logits, y, x), with_at(logits, y, x)
+    for h in hooks:
+        h.remove()
+
+    def amap(a):
+        a = a.pow(2).mean(1).flatten(1)
+        return a / a.norm(dim=1, keepdim=True)
+    n = len(_conv_taps(student))
+    assert n == 2
+    at = sum(float((amap(feats["s", k]) - amap(feats["t", k])).pow(2).mean()) for k in range(n)) / n
+    assert at > 0 and float(loss1 - loss0) == pytest.approx(100 * at, rel=1e-4)
+    (loss1 - loss0).backward()
+    assert student.blocks()["conv1"].op.weight.grad.abs().sum() > 0
+    plain.close()
+    with_at.close()
+    assert all(not tap._forward_hooks for net in (student, teacher) for tap in _conv_taps(net))
+
+
+@pytest.mark.parametrize("qat_kd", [True, False])
+def test_qat_epochs_distil_unless_cross_entropy_is_asked_for(lenet_teacher, float_lenet, digits, qat_kd, monkeypatch):
+    from deploy_kit.data import Split
+    from deploy_kit.prune import distil
+    from deploy_kit.train import TrainConfig
+
+    calls = []
+    real = distil.Distillation.__call__
+    monkeypatch.setattr(distil.Distillation, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    teacher = load_teacher(lenet_teacher).model
+    model, x_bn = float_lenet
+    student = sg.reestimate_bn(sg.pruned_copy(model, {"conv2": 8}, SHAPE), x_bn)
+    train = Split(digits.split("train").images[:128], digits.split("train").labels[:128])
+    cfg = DistilConfig(epochs=0, qat_epochs=1, qat_kd=qat_kd)
+    _, acc, _ = distil.distil_and_qat(student, teacher, train, digits, TrainConfig(batch_size=64), cfg,
+                                      torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert len(calls) == (2 if qat_kd else 0)  # the 2 QAT batches; 0 float epochs
+    assert set(acc) == {"float", "fake_quant", "int8"}
+    assert all(not tap._forward_hooks for net in (student, teacher) for tap in _conv_taps(net))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -237,6 +297,7 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     assert p["latency_ms"]["measured"]["pruned"] > 0 and p["latency_table"]["holdout_error_pct"]
     assert p["seed"] == 0 and p["budget"] == {"metric": "macs", "ratio": 0.5, "text": "macs=0.5"}
     assert p["distil"]["lr"] == meta["config"]["lr"] == 1e-3  # the Adam teacher's default distillation rate
+    assert p["distil"]["at_weight"] == DistilConfig().at_weight and p["distil"]["qat_kd"] is True
     log = [json.loads(line) for line in (out / "prune_log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and all(e["macs_ratio"] <= 0.5 for e in log)
 

@@ -30,6 +30,11 @@ from deploy_kit.device import DEVICES
                    "[default: 1e-2 for an SGD teacher, 1e-3 for an Adam one]")
 @click.option("--kd-temperature", type=Finite(min=0, min_open=True), default=4.0, show_default=True, help="Distillation temperature T.")
 @click.option("--kd-alpha", type=Finite(0, 1), default=0.7, show_default=True, help="Weight of the KD term (1 − it on the labels' CE).")
+@click.option("--kd-at-weight", type=Finite(min=0), default=0.0, show_default=True,
+              help="Weight λ of attention transfer at every conv block during distillation (0: logits only; "
+                   "finetune uses 100).")
+@click.option("--qat-kd/--qat-ce", default=True, show_default=True,
+              help="QAT epochs with the distillation loss, or with plain cross-entropy as `train`.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
               help="Where distillation and QAT run.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1),
@@ -41,7 +46,7 @@ from deploy_kit.device import DEVICES
 @json_option
 @handle_errors
 def command(teacher, budget, runtime, method, episodes, alpha, beta, gamma, kd_epochs, qat_epochs, kd_lr,
-            kd_temperature, kd_alpha, device, threads, seed, out, force, as_json):
+            kd_temperature, kd_alpha, kd_at_weight, qat_kd, device, threads, seed, out, force, as_json):
     """Remove channels under a latency or MACs budget, then distil and QAT the pruned model.
 
     An actor-critic agent (the LUT search's PPO) picks a keep ratio per layer under a hard budget,
@@ -62,7 +67,7 @@ def command(teacher, budget, runtime, method, episodes, alpha, beta, gamma, kd_e
     cfg = PruneConfig(teacher=teacher, budget=budget, runtime=runtime, method=method, episodes=episodes, alpha=alpha,
                       beta=beta, gamma=gamma, seed=seed, device=device, threads=threads,
                       distil=DistilConfig(epochs=kd_epochs, qat_epochs=qat_epochs, lr=kd_lr, temperature=kd_temperature,
-                                          alpha=kd_alpha))
+                                          alpha=kd_alpha, at_weight=kd_at_weight, qat_kd=qat_kd))
     outcome = run_prune(cfg, out, force=force, say=say)
     p, acc = outcome.meta["pruning"], outcome.meta["accuracy"]["int8"]
     lat = p["latency_ms"]

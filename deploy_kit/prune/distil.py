@@ -1,10 +1,14 @@
-"""Restore the pruned float model from the unpruned teacher (Hinton KD), then QAT as `train` does.
+"""Restore the pruned float model from the unpruned teacher, then QAT as `train` does.
 
-    loss = α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − α)·CE(student, y)
+    loss = α·T²·KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − α)·CE(student, y) + λ·AT
 
+The first two terms are Hinton KD; AT is attention transfer (Zagoruyko & Komodakis) at every conv
+block, the same term `finetune` and the search reward use: a pruned VGG keeps the teacher's layers
+and their spatial sizes, so each of its feature maps has a counterpart whatever its channel count.
 The teacher is the unpruned INT8 teacher itself (frozen, in the runtime arithmetic), fed the same
-augmented batch as the student. QAT then runs exactly the train stage's recipe (fold BN, fake
-quant, cross-entropy epochs, freeze), so the result is a teacher like any other.
+augmented batch as the student. QAT then runs the train stage's recipe (fold BN, fake quant,
+freeze) with the same distillation loss by default, so the QAT epochs keep the objective the
+float epochs had; the result is a teacher like any other.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import torch.nn.functional as F
 
 from deploy_kit.data import Dataset
 from deploy_kit.errors import ConfigError
+from deploy_kit.finetune import TapRecorder
 from deploy_kit.models import ZooModel
+from deploy_kit.search.reward import attention_map
 from deploy_kit.train import TrainConfig, fit_and_quantize
 
 
@@ -28,12 +34,16 @@ class DistilConfig:
     qat_lr: float = 2e-4
     temperature: float = 4.0
     alpha: float = 0.7  # weight of the KD term; 1 − alpha on the cross-entropy with the labels
+    at_weight: float = 0.0  # λ of the attention-transfer term (0: off); finetune's default is 100
+    qat_kd: bool = True  # the QAT epochs distil too (False: cross-entropy, as `train`)
 
     def __post_init__(self):
         if self.epochs < 0 or self.qat_epochs < 1 or (self.lr is not None and self.lr <= 0) or self.qat_lr <= 0:
             raise ConfigError(f"need --kd-epochs >= 0, --qat-epochs >= 1 and positive learning rates, got {asdict(self)}")
         if self.temperature <= 0 or not 0 <= self.alpha <= 1:
             raise ConfigError(f"need --kd-temperature > 0 and --kd-alpha in [0, 1], got {self.temperature}, {self.alpha}")
+        if not 0 <= self.at_weight < float("inf"):
+            raise ConfigError(f"need --kd-at-weight >= 0, got {self.at_weight}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,17 +64,32 @@ def default_lr(optimizer: str) -> float:
     return DEFAULT_LR.get(optimizer, DEFAULT_LR["adam"])
 
 
-def kd_loss(teacher: ZooModel, cfg: DistilConfig):
-    """loss_fn(logits, y, x) for train._run_epochs."""
-    teacher.eval()
-    t = cfg.temperature
+class Distillation:
+    """The loss `(logits, y, x) → loss` for train's epochs. Forward hooks on both models' conv taps
+    feed the attention-transfer term (none without it); `close()` removes them."""
 
-    def loss(logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, teacher: ZooModel, student: ZooModel, cfg: DistilConfig):
+        self.teacher, self.cfg = teacher.eval(), cfg
+        layers = [n for n, b in student.blocks().items() if isinstance(b.op, torch.nn.Conv2d)] if cfg.at_weight else []
+        self.rec_t, self.rec_s = TapRecorder(teacher, layers), TapRecorder(student, layers)
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        cfg, t = self.cfg, self.cfg.temperature
+        s_feats = self.rec_s.pop()
         with torch.no_grad():
-            soft = F.softmax(teacher(x.cpu()).to(logits.device) / t, dim=1)
+            t_logits = self.teacher(x.cpu())
+        t_feats = {n: f.to(logits.device) for n, f in self.rec_t.pop().items()}
+        soft = F.softmax(t_logits.to(logits.device) / t, dim=1)
         kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * t * t
-        return cfg.alpha * kd + (1 - cfg.alpha) * F.cross_entropy(logits, y)
-    return loss
+        loss = cfg.alpha * kd + (1 - cfg.alpha) * F.cross_entropy(logits, y)
+        if t_feats:
+            at = sum((attention_map(s_feats[n]) - attention_map(t_feats[n])).pow(2).mean() for n in t_feats)
+            loss = loss + cfg.at_weight * at / len(t_feats)
+        return loss
+
+    def close(self) -> None:
+        self.rec_t.close()
+        self.rec_s.close()
 
 
 def distil_and_qat(student: ZooModel, teacher: ZooModel, train, ds: Dataset, train_cfg: TrainConfig,
@@ -74,5 +99,10 @@ def distil_and_qat(student: ZooModel, teacher: ZooModel, train, ds: Dataset, tra
     the train config the epochs ran with."""
     cfg = cfg.resolved(train_cfg.optimizer)
     run_cfg = replace(train_cfg, epochs=cfg.epochs, qat_epochs=cfg.qat_epochs, lr=cfg.lr, qat_lr=cfg.qat_lr)
-    accuracy = fit_and_quantize(student, train, ds, run_cfg, gen, device, "distil", kd_loss(teacher, cfg))
+    loss = Distillation(teacher, student, cfg)
+    try:
+        accuracy = fit_and_quantize(student, train, ds, run_cfg, gen, device, "distil", loss,
+                                    qat_loss_fn=loss if cfg.qat_kd else None)
+    finally:
+        loss.close()
     return student, accuracy, run_cfg
