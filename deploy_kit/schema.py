@@ -34,8 +34,9 @@ Count = Annotated[StrictInt, Field(ge=0)]
 Code = Annotated[StrictInt, Field(ge=-128, le=255)]
 # LUT codes: any machine integer here; lut.py's rules (0 <= t1 < v1 < … <= qmax) name the layer
 LUTCode = Annotated[StrictInt, Field(ge=-(2**31), lt=2**31)]
-Finite = Annotated[float, Field(allow_inf_nan=False, strict=False)]
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+# strict: a JSON `true` or "0.5" is a wrong type, not 1.0 or 0.5 (ints are numbers and pass)
+Finite = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 Name = Annotated[StrictStr, Field(min_length=1, max_length=200)]
 
 
@@ -88,7 +89,7 @@ class TeacherSidecar(Record):
 
     format: Literal["deploykit-teacher/1"]
     model: Name
-    width: Annotated[float, Field(gt=0, le=4, allow_inf_nan=False)]
+    width: Annotated[float, Field(gt=0, le=4, allow_inf_nan=False, strict=True)]
     backend: Name = "qnnpack"
     data: Name
     seed: Seed
@@ -266,8 +267,8 @@ class BenchRow(Record):
     artifact: StrictStr
     variant: StrictStr = ""
     bytes: Count
-    latency_ms_p50: Annotated[float, Field(ge=0, allow_inf_nan=False)]
-    throughput_ips: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    latency_ms_p50: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+    throughput_ips: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = 0.0
 
 
 class BenchRecord(Record):

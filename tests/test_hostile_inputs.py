@@ -300,6 +300,10 @@ EXPORT_BAD = [("--target", "coreml"), ("--io", "int4"), ("--lut-form", "gather")
 # teacher.json broken: (id, prepare, piece of the error)
 TEACHER_BROKEN = [
     ("width-abc", edit_json("teacher.json", setitem(("width",), "abc")), '"width"'),
+    ("width-true", edit_json("teacher.json", setitem(("width",), True)), '"width"'),
+    ("width-string-number", edit_json("teacher.json", setitem(("width",), "0.5")), '"width"'),
+    ("layer-scale-true", edit_json("teacher.json", lambda m: first_layer(m).update(scale=True)), "scale"),
+    ("mean-string-number", edit_json("teacher.json", setitem(("normalization", "mean"), ["0.5"])), '"normalization.mean'),
     ("width-nan", write_text("teacher.json", '{"format": "deploykit-teacher/1", "width": NaN}'), "not valid JSON"),
     ("layers-list", edit_json("teacher.json", setitem(("layers",), [1])), '"layers"'),
     ("classes-int", edit_json("teacher.json", setitem(("classes",), 5)), '"classes"'),
