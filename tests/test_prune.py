@@ -303,6 +303,10 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
 
     teacher = load_teacher(out)  # builds the model from the recorded counts
     assert sg.channel_counts(teacher.model) == meta["channels"]
+    # a pruned teacher can be pruned again: its float model rebuilds (torch-pruning traces under no_grad too)
+    ds = load_dataset("digits", 0)
+    x = torch.from_numpy(normalize(ds.split("train").images[:64], ds.norm))
+    assert sg.channel_counts(sg.float_from_teacher(teacher, x)) == meta["channels"]
     outcome = run_search(out, SearchConfig(method="random", episodes=4, seed=0))
     export(ExportConfig(result_path=outcome.path, targets=("onnx", "tflite")))
     # the exports must reproduce the student; how much the LUT costs this 1-epoch model is not the point

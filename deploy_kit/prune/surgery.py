@@ -119,7 +119,8 @@ def _out_pruner(op: nn.Module):
 def _dependency_graph(model: ZooModel, in_shape: tuple[int, int, int]):
     import torch_pruning as tp
 
-    return tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *in_shape), verbose=False)
+    with torch.enable_grad():  # DepGraph traces autograd; callers may be under no_grad (float_from_teacher)
+        return tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *in_shape), verbose=False)
 
 
 def l1_order(op: nn.Module) -> torch.Tensor:
