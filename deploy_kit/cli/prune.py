@@ -30,9 +30,8 @@ from deploy_kit.device import DEVICES
                    "[default: 1e-2 for an SGD teacher, 1e-3 for an Adam one]")
 @click.option("--kd-temperature", type=Finite(min=0, min_open=True), default=4.0, show_default=True, help="Distillation temperature T.")
 @click.option("--kd-alpha", type=Finite(0, 1), default=0.7, show_default=True, help="Weight of the KD term (1 − it on the labels' CE).")
-@click.option("--kd-at-weight", type=Finite(min=0), default=0.0, show_default=True,
-              help="Weight λ of attention transfer at every conv block during distillation (0: logits only; "
-                   "finetune uses 100).")
+@click.option("--kd-at-weight", type=Finite(min=0), default=100.0, show_default=True,
+              help="Weight λ of attention transfer at every conv block during distillation (0: logits only).")
 @click.option("--qat-kd/--qat-ce", default=True, show_default=True,
               help="QAT epochs with the distillation loss, or with plain cross-entropy as `train`.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICES),
