@@ -54,7 +54,7 @@ from deploy_kit.fsutil import check_writable, read_json, write_json
 from deploy_kit.lut import LayerLUT
 from deploy_kit.models import ZooModel
 from deploy_kit.result import SearchResult, check_against_teacher, load_result, notes_for
-from deploy_kit.search.reward import attention_map
+from deploy_kit.search.reward import attention_map, attention_transfer
 from deploy_kit.student import SIDECAR_NAME, WEIGHTS_NAME, load_base, relative, save_student
 from deploy_kit.teacher import Teacher, install_luts
 from deploy_kit.train import accuracy, augment, batches, predict, seed_everything, torch_threads, versions
@@ -208,8 +208,7 @@ def distillation_loss(s_logits, t_logits, labels, s_feats: dict, t_feats: dict, 
     kd = F.kl_div(F.log_softmax(s_logits / t, 1), F.log_softmax(t_logits / t, 1), reduction="batchmean", log_target=True)
     loss = cfg.kd_weight * kd * t * t + cfg.ce_weight * F.cross_entropy(s_logits, labels)
     if cfg.at_weight and t_feats:
-        at = sum((attention_map(s_feats[n]) - attention_map(t_feats[n])).pow(2).mean() for n in t_feats)
-        loss = loss + cfg.at_weight * at / len(t_feats)
+        loss = loss + cfg.at_weight * attention_transfer(s_feats, t_feats)
     return loss
 
 

@@ -22,7 +22,7 @@ from deploy_kit.data import Dataset
 from deploy_kit.errors import ConfigError
 from deploy_kit.finetune import TapRecorder
 from deploy_kit.models import ZooModel
-from deploy_kit.search.reward import attention_map
+from deploy_kit.search.reward import attention_transfer
 from deploy_kit.train import TrainConfig, fit_and_quantize
 
 
@@ -85,8 +85,7 @@ class Distillation:
         kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * t * t
         loss = cfg.alpha * kd + (1 - cfg.alpha) * F.cross_entropy(logits, y)
         if t_feats:
-            at = sum((attention_map(s_feats[n]) - attention_map(t_feats[n])).pow(2).mean() for n in t_feats)
-            loss = loss + cfg.at_weight * at / len(t_feats)
+            loss = loss + cfg.at_weight * attention_transfer(s_feats, t_feats)
         return loss
 
     def close(self) -> None:

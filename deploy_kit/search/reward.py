@@ -79,6 +79,11 @@ def attention_map(a: torch.Tensor) -> torch.Tensor:
     return F.normalize(a.pow(2).mean(1).flatten(1), dim=1)
 
 
+def attention_transfer(s_feats: dict[str, torch.Tensor], t_feats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The AT loss: squared attention-map distance, mean over pixels and images, mean over the layers of `t_feats`."""
+    return sum((attention_map(s_feats[n]) - attention_map(t_feats[n])).pow(2).mean() for n in t_feats) / len(t_feats)
+
+
 def suffix_modules(model: ZooModel, layer: str) -> list[nn.Module]:
     """The modules that run after `layer`'s tap input, in forward order (ZooModel.forward)."""
     stages = [*model.features.named_children(), ("pool", model.pool), ("flatten", model.flatten),
