@@ -220,6 +220,16 @@ def test_distillation_rate_follows_the_teachers_optimizer(lenet_teacher, tmp_pat
         DistilConfig(at_weight=float("nan"))
 
 
+def test_distillation_runs_as_long_as_the_teacher_trained_unless_told(lenet_teacher, tmp_path):
+    assert DistilConfig().epochs is None
+    assert DistilConfig().resolved("sgd", 40).epochs == 40 and DistilConfig(epochs=3).resolved("sgd", 40).epochs == 3
+    assert DistilConfig(epochs=0).resolved("adam", 40).epochs == 0  # 0 is a choice (QAT only), not "unset"
+    with pytest.raises(ConfigError, match="--kd-epochs"):
+        DistilConfig(epochs=-1)
+    r = invoke("--teacher", lenet_teacher, "--kd-epochs", "-1", "--out", tmp_path / "p")
+    assert r.exit_code == 2 and "--kd-epochs" in r.output and not (tmp_path / "p").exists()
+
+
 def _conv_taps(model):
     return [b.tap for b in model.blocks().values() if isinstance(b.op, torch.nn.Conv2d)]
 
@@ -288,7 +298,7 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
 
     out = tmp_path / "pruned"
     cfg = PruneConfig(teacher=lenet_teacher, budget="macs=0.5", episodes=8, table_random=4,
-                      distil=DistilConfig(epochs=1, qat_epochs=1))
+                      distil=DistilConfig(qat_epochs=1))  # KD epochs: the teacher's own
     summary = run_prune(cfg, out).summary()
     meta = json.loads((out / "teacher.json").read_text())
     p = meta["pruning"]
@@ -298,6 +308,8 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     assert p["seed"] == 0 and p["budget"] == {"metric": "macs", "ratio": 0.5, "text": "macs=0.5"}
     assert p["distil"]["lr"] == meta["config"]["lr"] == 1e-3  # the Adam teacher's default distillation rate
     assert p["distil"]["at_weight"] == DistilConfig().at_weight and p["distil"]["qat_kd"] is True
+    from conftest import LENET_TEACHER_CONFIG
+    assert p["distil"]["epochs"] == meta["config"]["epochs"] == LENET_TEACHER_CONFIG["epochs"]
     log = [json.loads(line) for line in (out / "prune_log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and all(e["macs_ratio"] <= 0.5 for e in log)
 

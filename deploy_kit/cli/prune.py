@@ -23,7 +23,9 @@ from deploy_kit.device import DEVICES
 @click.option("--alpha", type=Finite(min=0), default=1.0, show_default=True, help="Reward weight of the val accuracy change.")
 @click.option("--beta", type=Finite(min=0), default=0.0, show_default=True, help="Reward weight of the MACs reduction.")
 @click.option("--gamma", type=Finite(min=0), default=0.0, show_default=True, help="Reward weight of the predicted latency reduction.")
-@click.option("--kd-epochs", default=10, show_default=True, help="Distillation epochs (float) from the unpruned teacher.")
+@click.option("--kd-epochs", type=click.IntRange(0), default=None,
+              help="Distillation epochs (float) from the unpruned teacher.  [default: as many as the teacher's "
+                   "own float epochs]")
 @click.option("--qat-epochs", default=4, show_default=True, help="QAT epochs after distillation.")
 @click.option("--kd-lr", type=Finite(min=0, min_open=True), default=None,
               help="Peak learning rate of the distillation epochs (one-cycle), with the teacher's optimizer.  "

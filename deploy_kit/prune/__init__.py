@@ -191,7 +191,7 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     clock = time.perf_counter()
     student = reestimate_bn(pruned_copy(st.model, best["channels"], in_shape), st.x_bn)
     train_cfg = _train_config(teacher)
-    distil = cfg.distil.resolved(train_cfg.optimizer)
+    distil = cfg.distil.resolved(train_cfg.optimizer, train_cfg.epochs)
     gen = torch.Generator().manual_seed(cfg.seed)
     student, acc, run_cfg = distil_and_qat(student, teacher.model, st.ds.split("train"), st.ds, train_cfg, distil, gen,
                                            device)
