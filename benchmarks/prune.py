@@ -5,7 +5,9 @@ the measured LiteRT latency of each INT8 export, all timed in one interleaved se
         --run width-0.33=runs/vgg33 [--runtime litert] [--rounds 31]
 
 Runs given with --run may be pruned teachers (`deploykit prune`) or plain zoo teachers of another
---width (`deploykit train`): all are priced with the unpruned model's latency table.
+--width (`deploykit train`): all are priced with the unpruned model's latency table. Each run's
+INT8 test drop against the unpruned teacher comes with a two-sided exact McNemar p-value over the
+same test images (is the drop more than chance?).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import numpy as np
 import torch
 
 from deploy_kit.data import load_dataset, normalize
+from deploy_kit.finetune import mcnemar_worse
 from deploy_kit.prune import latency as lt
 from deploy_kit.prune import surgery as sg
 from deploy_kit.teacher import load_teacher
+from deploy_kit.train import predict
 
 
 def main() -> None:
@@ -49,21 +53,26 @@ def main() -> None:
         paths = [lt.export_for_runtime(t.model, in_shape, args.runtime, Path(tmp), name, x[:8].numpy())
                  for name, t in teachers.items()]
         ms = dict(zip(teachers, lt.measure(paths, args.runtime, image, rounds=args.rounds, seed=args.seed)))
+    test = ds.split("test")
+    right = {name: predict(t.model, test, ds).argmax(1) == test.labels for name, t in teachers.items()}
     rows = []
     for name, t in teachers.items():
         counts = {n: c for n, c in sg.channel_counts(t.model).items() if n in full}
         pred = table.predict(counts)
         acc = t.meta["accuracy"]["int8"]
+        a, b = right["unpruned"], right[name]
         rows.append({"run": name, "int8_val": acc["val"], "int8_test": acc["test"],
+                     "test_drop": round(100 * float(a.mean() - b.mean()), 2),
+                     "mcnemar_p": round(min(1.0, 2 * min(mcnemar_worse(a, b), mcnemar_worse(b, a))), 4),
                      "macs_ratio": round(sg.macs(infos, counts) / sg.macs(infos, full), 3),
                      "measured_ms": ms[name], "measured_ratio": round(ms[name] / ms["unpruned"], 3),
                      "predicted_ms": round(pred, 5), "table_error_pct": round(100 * (pred - ms[name]) / ms[name], 1),
                      "channels": list(counts.values())})
     print(json.dumps(rows, indent=1))
-    print("\n| run | INT8 val % | INT8 test % | MACs × | measured ms | measured × | table ms | table error |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| run | INT8 val % | INT8 test % | test drop (McNemar p) | MACs × | measured ms | measured × | table ms | table error |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['run']} | {r['int8_val']} | {r['int8_test']} | {r['macs_ratio']} | {r['measured_ms']:.4f} | "
+        print(f"| {r['run']} | {r['int8_val']} | {r['int8_test']} | {r['test_drop']:.2f} ({r['mcnemar_p']}) | {r['macs_ratio']} | {r['measured_ms']:.4f} | "
               f"{r['measured_ratio']} | {r['predicted_ms']:.4f} | {r['table_error_pct']:+.1f} % |")
     print("\nchannels:", {r["run"]: r["channels"] for r in rows})
     print("mean |table error|:", round(float(np.mean([abs(r["table_error_pct"]) for r in rows])), 1), "%")
