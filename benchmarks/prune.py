@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--run", action="append", default=[], help="NAME=RUN_FOLDER")
     ap.add_argument("--runtime", default="litert", choices=lt.RUNTIMES)
     ap.add_argument("--rounds", type=int, default=31)
+    ap.add_argument("--repeats", type=int, default=50, help="timed runs per model per round (more: a longer, steadier window)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -52,7 +53,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = [lt.export_for_runtime(t.model, in_shape, args.runtime, Path(tmp), name, x[:8].numpy())
                  for name, t in teachers.items()]
-        ms = dict(zip(teachers, lt.measure(paths, args.runtime, image, rounds=args.rounds, seed=args.seed)))
+        ms = dict(zip(teachers, lt.measure(paths, args.runtime, image, rounds=args.rounds, repeats=args.repeats, seed=args.seed)))
     test = ds.split("test")
     right = {name: predict(t.model, test, ds).argmax(1) == test.labels for name, t in teachers.items()}
     rows = []
@@ -63,7 +64,7 @@ def main() -> None:
         a, b = right["unpruned"], right[name]
         rows.append({"run": name, "int8_val": acc["val"], "int8_test": acc["test"],
                      "test_drop": round(100 * float(a.mean() - b.mean()), 2),
-                     "mcnemar_p": round(min(1.0, 2 * min(mcnemar_worse(a, b), mcnemar_worse(b, a))), 4),
+                     "mcnemar_p": float(f"{min(1.0, 2 * min(mcnemar_worse(a, b), mcnemar_worse(b, a))):.2g}"),
                      "macs_ratio": round(sg.macs(infos, counts) / sg.macs(infos, full), 3),
                      "measured_ms": ms[name], "measured_ratio": round(ms[name] / ms["unpruned"], 3),
                      "predicted_ms": round(pred, 5), "table_error_pct": round(100 * (pred - ms[name]) / ms[name], 1),
