@@ -177,6 +177,21 @@ def test_cache_from_other_library_versions_is_rebuilt_and_said(float_lenet, tmp_
     assert why is None and table.predict(sg.full_channels(infos)) == 0.5
 
 
+@pytest.mark.parametrize("load, warned", [(0.9, False), (2.0, True)])
+def test_busy_machine_is_said_before_the_table_is_timed(float_lenet, tmp_path, monkeypatch, load, warned):
+    monkeypatch.setenv("DEPLOYKIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(lt.os, "getloadavg", lambda: (load, load, load))
+    built = []
+    monkeypatch.setattr(lt, "build_table", lambda *a, **k: built.append(a) or "table")  # the timing itself is not what is tested
+    model, x = float_lenet
+    infos = sg.layer_infos(model, SHAPE)
+    said = []
+    spec = lt.TableSpec("lenet5", 1.0, SHAPE, "litert", sg.full_channels(infos))
+    assert lt.latency_table(spec, model, infos, x, x[:1].numpy(), say=said.append) == "table" and built
+    assert any("quiet machine" in line and str(spec.cache_path()) in line for line in said) == warned
+    assert lt.other_load() == max(0.0, round(load - 1, 2))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("budget, expected", [
@@ -305,6 +320,7 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     assert p["macs"]["ratio"] <= 0.5 and summary["channels"] == meta["channels"]
     assert sum(meta["channels"].values()) < sum(p["channels_full"].values()) + 10
     assert p["latency_ms"]["measured"]["pruned"] > 0 and p["latency_table"]["holdout_error_pct"]
+    assert isinstance(p["latency_table"]["other_load"], float)  # recorded from the table that priced the search
     assert p["seed"] == 0 and p["budget"] == {"metric": "macs", "ratio": 0.5, "text": "macs=0.5"}
     assert p["distil"]["lr"] == meta["config"]["lr"] == 1e-3  # the Adam teacher's default distillation rate
     assert p["distil"]["at_weight"] == DistilConfig().at_weight and p["distil"]["qat_kd"] is True

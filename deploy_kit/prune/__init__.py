@@ -271,6 +271,7 @@ def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, best, channel
                        "threads": 1, "batch": 1},
         "latency_table": {"cache": spec.cache_path().name, "method": table.record.get("method"),
                           "holdout_error_pct": table.record.get("holdout_error_pct"),
+                          "other_load": table.record.get("other_load"),  # other work while it was timed
             "per_layer_ms": table.per_layer(kept), "per_layer_ms_unpruned": table.per_layer(full),
             "versions": table.record.get("versions")},
         "macs": {"pruned": macs(infos, kept), "unpruned": macs(infos, full),

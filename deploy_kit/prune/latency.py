@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -252,6 +253,7 @@ def load_cached(spec: TableSpec, infos: dict) -> tuple[LatencyTable | None, str 
 def build_table(spec: TableSpec, float_model: ZooModel, infos: dict, x_calib: torch.Tensor, image: np.ndarray,
                 extra: list[dict[str, int]] = ()) -> LatencyTable:
     """Export, time and fit (see the module docstring); writes the cache."""
+    load = other_load()
     configs = sample_configs(infos, spec.n_random + spec.n_holdout, spec.seed)
     fitset = configs[:len(configs) - spec.n_holdout]
     with tempfile.TemporaryDirectory(prefix="deploykit-latency-") as tmp:
@@ -269,7 +271,8 @@ def build_table(spec: TableSpec, float_model: ZooModel, infos: dict, x_calib: to
               "samples": [{"channels": ch, "ms": t, "holdout": j >= len(fitset)} for j, (ch, t) in enumerate(samples)],
               "holdout_error_pct": [round(e, 2) for e in errors],
               "holdout_mean_abs_error_pct": round(float(np.mean(np.abs(errors))), 2) if errors else None,
-              "method": "whole-model INT8 exports, interleaved medians, NNLS per-layer-group fit", "threads": 1}
+              "method": "whole-model INT8 exports, interleaved medians, NNLS per-layer-group fit", "threads": 1,
+              "other_load": load}
     write_json(spec.cache_path(), record)
     return LatencyTable(infos, t0, k, m, record)
 
@@ -281,4 +284,23 @@ def latency_table(spec: TableSpec, float_model: ZooModel, infos: dict, x_calib: 
         return table
     if why:
         say(why)
+    load = other_load()
+    if load is not None and load >= BUSY_LOAD:
+        say(f"warning: other work is running (1-minute load {load:.1f} besides this run, {os.cpu_count()} cores) "
+            f"while the latency table is timed; a busy machine times slow and unevenly and the cached table "
+            f"misleads every later run: build it on a quiet machine, or delete {spec.cache_path()} afterwards")
     return build_table(spec, float_model, infos, x_calib, image)
+
+
+# Other work worth a warning while tables are timed: on CIFAR-10 VGG16-0.25 a table timed beside one
+# distillation job (load ≈ 1 besides the timing) predicted the pruned/unpruned ratio 20.6 % high, and
+# the agent cut to 0.300× MACs where a quiet table allowed 0.347× (benchmarks/prune.md, session 11).
+BUSY_LOAD = 0.5
+
+
+def other_load() -> float | None:
+    """The 1-minute load average less this process's own runnable thread (None where the OS has none)."""
+    try:
+        return round(max(0.0, os.getloadavg()[0] - 1.0), 2)
+    except (OSError, AttributeError):
+        return None
