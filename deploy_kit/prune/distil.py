@@ -44,7 +44,8 @@ class DistilConfig:
     qat_kd: bool = True  # the QAT epochs distil too (False: cross-entropy, as `train`)
 
     def __post_init__(self):
-        if (self.epochs is not None and self.epochs < 0) or self.qat_epochs < 1 or (self.lr is not None and self.lr <= 0) or self.qat_lr <= 0:
+        negative_epochs = self.epochs is not None and self.epochs < 0
+        if negative_epochs or self.qat_epochs < 1 or (self.lr is not None and self.lr <= 0) or self.qat_lr <= 0:
             raise ConfigError(f"need --kd-epochs >= 0, --qat-epochs >= 1 and positive learning rates, got {asdict(self)}")
         if self.temperature <= 0 or not 0 <= self.alpha <= 1:
             raise ConfigError(f"need --kd-temperature > 0 and --kd-alpha in [0, 1], got {self.temperature}, {self.alpha}")
