@@ -251,9 +251,9 @@ def load_cached(spec: TableSpec, infos: dict) -> tuple[LatencyTable | None, str 
 
 
 def build_table(spec: TableSpec, float_model: ZooModel, infos: dict, x_calib: torch.Tensor, image: np.ndarray,
-                extra: list[dict[str, int]] = ()) -> LatencyTable:
-    """Export, time and fit (see the module docstring); writes the cache."""
-    load = other_load()
+                load: float | None = None) -> LatencyTable:
+    """Export, time and fit (see the module docstring); writes the cache, with `load` (other work on
+    the machine as the timing began) recorded."""
     configs = sample_configs(infos, spec.n_random + spec.n_holdout, spec.seed)
     fitset = configs[:len(configs) - spec.n_holdout]
     with tempfile.TemporaryDirectory(prefix="deploykit-latency-") as tmp:
@@ -289,7 +289,7 @@ def latency_table(spec: TableSpec, float_model: ZooModel, infos: dict, x_calib: 
         say(f"warning: other work is running (1-minute load {load:.1f} besides this run, {os.cpu_count()} cores) "
             f"while the latency table is timed; a busy machine times slow and unevenly and the cached table "
             f"misleads every later run: build it on a quiet machine, or delete {spec.cache_path()} afterwards")
-    return build_table(spec, float_model, infos, x_calib, image)
+    return build_table(spec, float_model, infos, x_calib, image, load=load)
 
 
 # Other work worth a warning while tables are timed: on CIFAR-10 VGG16-0.25 a table timed beside one
