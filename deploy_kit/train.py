@@ -156,7 +156,7 @@ def _one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int):
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.2)
 
 
-def _run_epochs(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, epochs: int, lr: float,
+def run_epochs(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfig, epochs: int, lr: float,
                 label: str, gen: torch.Generator, device: torch.device, loss_fn=None,
                 optimizer: str = "adam", weight_decay: float = 0.0) -> None:
     """Train in place on `device`; the model is back on the CPU afterwards. `loss_fn(logits, y, x)`
@@ -194,10 +194,10 @@ def fit_and_quantize(model: ZooModel, train: Split, ds: Dataset, cfg: TrainConfi
     `cfg.qat_epochs` of QAT (with `qat_loss_fn`, else cross-entropy) and the weight scales frozen;
     the model is changed in place. Returns the float / fake-quant / INT8 accuracies on val and
     test, as teacher.json records them."""
-    _run_epochs(model, train, ds, cfg, cfg.epochs, cfg.lr, label, gen, device, loss_fn, cfg.optimizer, cfg.weight_decay)
+    run_epochs(model, train, ds, cfg, cfg.epochs, cfg.lr, label, gen, device, loss_fn, cfg.optimizer, cfg.weight_decay)
     acc_float = _evaluate(model, ds)
     quant.prepare_qat(quant.fold_batchnorm(model))
-    _run_epochs(model, train, ds, cfg, cfg.qat_epochs, cfg.qat_lr, "qat", gen, device, qat_loss_fn)
+    run_epochs(model, train, ds, cfg, cfg.qat_epochs, cfg.qat_lr, "qat", gen, device, qat_loss_fn)
     quant.freeze(model)
     return {"float": acc_float, "fake_quant": _evaluate(model, ds),
             "int8": _evaluate(quant.convert_int8(model, cfg.backend), ds)}

@@ -23,6 +23,13 @@ from deploy_kit.device import DEVICES
 @click.option("--alpha", type=Finite(min=0), default=1.0, show_default=True, help="Reward weight of the val accuracy change.")
 @click.option("--beta", type=Finite(min=0), default=0.0, show_default=True, help="Reward weight of the MACs reduction.")
 @click.option("--gamma", type=Finite(min=0), default=0.0, show_default=True, help="Reward weight of the predicted latency reduction.")
+@click.option("--finalists", type=click.IntRange(0), default=6, show_default=True,
+              help="The search's best distinct configurations each distilled briefly and ranked on val; the best is "
+                   "distilled in full (0 or 1: the search's own best).")
+@click.option("--finalist-images", type=click.IntRange(64), default=10_000, show_default=True,
+              help="Training images (a seeded subset) each finalist is distilled on.")
+@click.option("--finalist-epochs", type=click.IntRange(1), default=1, show_default=True,
+              help="Epochs over those images per finalist.")
 @click.option("--kd-epochs", type=click.IntRange(0), default=None,
               help="Distillation epochs (float) from the unpruned teacher.  [default: as many as the teacher's "
                    "own float epochs]")
@@ -46,14 +53,15 @@ from deploy_kit.device import DEVICES
 @click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
 @json_option
 @handle_errors
-def command(teacher, budget, runtime, method, episodes, alpha, beta, gamma, kd_epochs, qat_epochs, kd_lr,
-            kd_temperature, kd_alpha, kd_at_weight, qat_kd, device, threads, seed, out, force, as_json):
+def command(teacher, budget, runtime, method, episodes, alpha, beta, gamma, finalists, finalist_images, finalist_epochs,
+            kd_epochs, qat_epochs, kd_lr, kd_temperature, kd_alpha, kd_at_weight, qat_kd, device, threads, seed, out, force, as_json):
     """Remove channels under a latency or MACs budget, then distil and QAT the pruned model.
 
     An actor-critic agent (the LUT search's PPO) picks a keep ratio per layer under a hard budget,
     priced by a latency table measured here in the chosen runtime (cached in $DEPLOYKIT_CACHE);
-    channels go by L1 norm (torch-pruning). The output is an ordinary teacher run folder:
-    search, finetune, export, verify and bench take it unchanged.
+    channels go by L1 norm (torch-pruning). The search's best few configurations are each
+    distilled briefly and the best on the validation split is distilled in full. The output is
+    an ordinary teacher run folder: search, finetune, export, verify and bench take it unchanged.
 
     \b
     Example:
@@ -64,9 +72,11 @@ def command(teacher, budget, runtime, method, episodes, alpha, beta, gamma, kd_e
     """
     from deploy_kit.prune import PruneConfig, run_prune
     from deploy_kit.prune.distil import DistilConfig
+    from deploy_kit.prune.finalists import FinalistConfig
 
     cfg = PruneConfig(teacher=teacher, budget=budget, runtime=runtime, method=method, episodes=episodes, alpha=alpha,
                       beta=beta, gamma=gamma, seed=seed, device=device, threads=threads,
+                      finalists=FinalistConfig(count=finalists, images=finalist_images, epochs=finalist_epochs),
                       distil=DistilConfig(epochs=kd_epochs, qat_epochs=qat_epochs, lr=kd_lr, temperature=kd_temperature,
                                           alpha=kd_alpha, at_weight=kd_at_weight, qat_kd=qat_kd))
     outcome = run_prune(cfg, out, force=force, say=say)

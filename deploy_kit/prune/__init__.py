@@ -5,8 +5,8 @@
 train run → float model (surgery.float_from_teacher) → latency table in the target runtime
 (latency.py, cached) → PPO over per-layer keep ratios under a hard budget (agent.py), each
 proposal L1-pruned with torch-pruning, BN re-estimated on training images and scored on the
-validation split → the best configuration is distilled from the unpruned teacher and QAT'd
-(distil.py) → its INT8 export is timed against the unpruned one's (the table's error) → an
+validation split → the best few are distilled briefly and ranked on val (finalists.py) →
+the best is distilled from the unpruned teacher and QAT'd (distil.py) → its INT8 export is timed against the unpruned one's (the table's error) → an
 ordinary teacher run folder whose teacher.json adds `channels` and `pruning`.
 """
 
@@ -30,6 +30,7 @@ from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import atomic_path, check_writable
 from deploy_kit.prune import agent as ag
 from deploy_kit.prune.distil import DistilConfig, distil_and_qat
+from deploy_kit.prune.finalists import FinalistConfig, rank_finalists, shortlist
 from deploy_kit.prune.latency import RUNTIMES, TableSpec, export_for_runtime, latency_table, measure
 from deploy_kit.prune.reward import Scorer
 from deploy_kit.prune.surgery import (channel_counts, float_from_teacher, full_channels, layer_infos, macs,
@@ -73,6 +74,7 @@ class PruneConfig:
     seed: int = 0
     bn_images: int = 256  # training images for BN re-estimation (and activation ranges for timing)
     distil: DistilConfig = field(default_factory=DistilConfig)
+    finalists: FinalistConfig = field(default_factory=FinalistConfig)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(episodes_per_update=8))
     table_random: int = 12  # random configurations timed for the latency table's fit
     device: str = "auto"
@@ -184,14 +186,23 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
         ag.ppo_prune_search(st.space, _with_progress(scorer, cfg.episodes), cfg.episodes, cfg.ppo, cfg.seed)
     else:
         scorer([ag.uniform_config(st.space)])
-    best = scorer.best()
     seconds["search"] = round(time.perf_counter() - clock, 1)
-    say(f"chosen: {best['channels']} (val {best['val_acc']}% before distillation, unpruned {scorer.acc0}%)")
+
+    clock = time.perf_counter()
+    train_cfg = _train_config(teacher)
+    distil = cfg.distil.resolved(train_cfg.optimizer, train_cfg.epochs)
+    finalists = shortlist(scorer.records, max(1, cfg.finalists.count))
+    if len(finalists) > 1:
+        finalists = rank_finalists(finalists, st.model, teacher.model, st.x_bn, st.ds, train_cfg, distil, cfg.finalists,
+                                   cfg.seed, device, say)
+    best = finalists[0]
+    seconds["finalists"] = round(time.perf_counter() - clock, 1)
+    say(f"chosen: {best['channels']} (val {best['val_acc']}% before distillation"
+        + (f", {best['short_val_acc']}% after the short one" if "short_val_acc" in best else "")
+        + f"; unpruned {scorer.acc0}%)")
 
     clock = time.perf_counter()
     student = reestimate_bn(pruned_copy(st.model, best["channels"], in_shape), st.x_bn)
-    train_cfg = _train_config(teacher)
-    distil = cfg.distil.resolved(train_cfg.optimizer, train_cfg.epochs)
     gen = torch.Generator().manual_seed(cfg.seed)
     student, acc, run_cfg = distil_and_qat(student, teacher.model, st.ds.split("train"), st.ds, train_cfg, distil, gen,
                                            device)
@@ -201,7 +212,7 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     timing = _measure_pair(teacher.model, student, in_shape, cfg.runtime, st.x_bn, st.image, cfg.seed)
     seconds["measure"] = round(time.perf_counter() - clock, 1)
     channels = channel_counts(student)
-    pruning = _pruning_record(cfg, distil, st, teacher, scorer, best, channels, timing, seconds)
+    pruning = _pruning_record(cfg, distil, st, teacher, scorer, finalists, channels, timing, seconds)
     new_meta = {**{k: v for k, v in meta.items() if k not in ("format", "weights", "weights_sha256")},
                 "seed": meta["seed"], "channels": channels,
                 "input_quant": quant.input_quant(student).to_dict(), "output_quant": quant.output_quant(student).to_dict(),
@@ -250,7 +261,7 @@ def _measure_pair(unpruned, pruned, in_shape, runtime: str, x_bn, image, seed: i
     return {"unpruned": base, "pruned": ms}
 
 
-def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, best, channels, timing, seconds) -> dict:
+def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, finalists, channels, timing, seconds) -> dict:
     spec, table, infos = st.spec, st.table, st.infos
     full = full_channels(infos)
     kept = {n: channels[n] for n in full}
@@ -264,7 +275,8 @@ def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, best, channel
         "method": cfg.method, "budget": {"metric": cfg.metric, "ratio": cfg.ratio, "text": cfg.budget},
         "runtime": cfg.runtime, "seed": cfg.seed, "episodes": len(scorer.records),
         "reward": {"alpha": cfg.alpha, "beta": cfg.beta, "gamma": cfg.gamma, "split": "val",
-                   "bn_images": cfg.bn_images, "val_acc_unpruned": scorer.acc0, "chosen": best},
+                   "bn_images": cfg.bn_images, "val_acc_unpruned": scorer.acc0, "chosen": finalists[0]},
+        "finalists": {**cfg.finalists.to_dict(), "ranked": finalists if len(finalists) > 1 else []},
         "channels_full": full, "ppo": cfg.ppo.to_dict(), "distil": distil.to_dict(),
         "latency_ms": {"measured": timing, "predicted": predicted, "table_error_pct": err,
                        "measured_ratio": round(ratio["measured"], 4), "predicted_ratio": round(ratio["predicted"], 4),

@@ -1,0 +1,79 @@
+"""The finalists: the agent's best few configurations, each distilled briefly, ranked on val.
+
+The search's reward (val accuracy after BatchNorm re-estimation, no training) prices a
+configuration by how little removing its channels broke the trained weights — 22–34 % on
+CIFAR-10 VGG16-0.25 at 0.5× latency, where every proposal is broken — not by how well it
+distils, and the distillation is what the result is made of (benchmarks/prune.md: the loss is in
+the distilled float model). NetAdapt short-fine-tunes each proposal for this reason; here only
+the `count` best distinct configurations of the search are, each from the same L1-pruned start
+with the full distillation's loss and rate, on the same seeded subset of training images in the
+same order, and the best on the validation split (never the test split) is distilled in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from deploy_kit.data import Dataset, Split
+from deploy_kit.errors import ConfigError
+from deploy_kit.prune.distil import DistilConfig, Distillation
+from deploy_kit.prune.surgery import pruned_copy, reestimate_bn
+from deploy_kit.train import TrainConfig, accuracy, predict, run_epochs
+
+
+@dataclass(frozen=True)
+class FinalistConfig:
+    count: int = 6  # 0 or 1: the search's own best is distilled, as before finalists existed
+    images: int = 10_000  # training images each finalist is distilled on (a seeded subset)
+    epochs: int = 1
+
+    def __post_init__(self):
+        if self.count < 0 or self.images < 64 or self.epochs < 1:
+            raise ConfigError(f"need --finalists >= 0, --finalist-images >= 64 and --finalist-epochs >= 1, "
+                              f"got {self.count}, {self.images}, {self.epochs}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def shortlist(records: list[dict], count: int) -> list[dict]:
+    """The `count` best distinct configurations by the search's reward (ties: the earlier episode)."""
+    seen, out = set(), []
+    for rec in sorted(records, key=lambda r: (-r["reward"], r["episode"])):
+        key = tuple(sorted(rec["channels"].items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(rec)
+    return out[:count]
+
+
+def train_subset(train: Split, n: int, seed: int) -> Split:
+    pick = np.sort(np.random.default_rng(seed).permutation(len(train))[:n])
+    return Split(train.images[pick], train.labels[pick])
+
+
+def rank_finalists(finalists: list[dict], model, teacher, x_bn: torch.Tensor, ds: Dataset, train_cfg: TrainConfig,
+                   distil: DistilConfig, cfg: FinalistConfig, seed: int, device,
+                   say: Callable[[str], None] = print) -> list[dict]:
+    """Each finalist's record plus `short_val_acc`, its val accuracy after the short distillation,
+    best first (ties: the search's order). `distil` is resolved (its lr set)."""
+    subset, val = train_subset(ds.split("train"), cfg.images, seed), ds.split("val")
+    in_shape = tuple(x_bn.shape[1:])
+    ranked = []
+    for i, rec in enumerate(finalists):
+        student = reestimate_bn(pruned_copy(model, rec["channels"], in_shape), x_bn)
+        loss = Distillation(teacher, student, distil)
+        try:  # the same batches and augmentation for every finalist: the generator is re-seeded each time
+            run_epochs(student, subset, ds, train_cfg, cfg.epochs, distil.lr, f"finalist {i + 1}/{len(finalists)}",
+                       torch.Generator().manual_seed(seed), device, loss, train_cfg.optimizer, train_cfg.weight_decay)
+        finally:
+            loss.close()
+        acc = accuracy(predict(student, val, ds), val.labels)
+        say(f"finalist {i + 1}/{len(finalists)} (search episode {rec['episode']}, val {rec['val_acc']}% untrained): "
+            f"{acc}% val after {cfg.epochs} short epoch(s) on {len(subset)} images")
+        ranked.append({**rec, "short_val_acc": acc, "search_rank": i + 1})
+    return sorted(ranked, key=lambda r: (-r["short_val_acc"], r["search_rank"]))
