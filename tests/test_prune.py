@@ -302,6 +302,50 @@ def test_qat_epochs_distil_unless_cross_entropy_is_asked_for(lenet_teacher, floa
     assert all(not tap._forward_hooks for net in (student, teacher) for tap in _conv_taps(net))
 
 
+# ----------------------------------------------------------------------------- finalists
+
+def test_shortlist_takes_the_best_distinct_configurations():
+    from deploy_kit.prune.finalists import shortlist
+
+    recs = [{"episode": e, "channels": {"conv1": c}, "reward": r}
+            for e, c, r in [(1, 4, -0.5), (2, 6, -0.2), (3, 6, -0.2), (4, 2, -0.9), (5, 5, -0.2), (6, 3, -0.3)]]
+    assert [r["episode"] for r in shortlist(recs, 3)] == [2, 5, 6]  # episode 3 repeats 2; ties: the earlier first
+    assert [r["episode"] for r in shortlist(recs, 1)] == [2] and len(shortlist(recs, 99)) == 5
+
+
+def test_finalists_are_ranked_by_val_after_a_short_distillation(lenet_teacher, float_lenet, digits):
+    """A configuration cut to its floors and a lightly cut one, each distilled for one short epoch:
+    the ranking follows their val accuracy after it, not the search's order, and is reproducible."""
+    from deploy_kit.prune.finalists import FinalistConfig, rank_finalists
+    from deploy_kit.train import TrainConfig
+
+    teacher = load_teacher(lenet_teacher).model
+    model, x_bn = float_lenet
+    full = sg.full_channels(sg.layer_infos(model, SHAPE))
+    floors = {n: min(c, lt.channel_step(c)) for n, c in full.items()}
+    finalists = [{"episode": 1, "channels": floors, "val_acc": 50.0, "reward": 0.0},
+                 {"episode": 2, "channels": {**full, "conv2": full["conv2"] - 4}, "val_acc": 40.0, "reward": -0.1}]
+    cfg = FinalistConfig(count=2, images=256)
+    distil = DistilConfig().resolved("adam", 3)
+
+    def rank():
+        return rank_finalists(finalists, model, teacher, x_bn, digits, TrainConfig(batch_size=64), distil, cfg, 0,
+                              torch.device("cpu"), say=lambda _: None)
+    ranked = rank()
+    assert [r["episode"] for r in ranked] == [2, 1] and [r["search_rank"] for r in ranked] == [2, 1]
+    assert ranked[0]["short_val_acc"] > ranked[1]["short_val_acc"]
+    assert [r["short_val_acc"] for r in rank()] == [r["short_val_acc"] for r in ranked]
+    for bad in (dict(count=-1), dict(images=10), dict(epochs=0)):
+        with pytest.raises(ConfigError, match="--finalist"):
+            FinalistConfig(**bad)
+
+
+def test_bad_finalist_options_exit_2_and_write_nothing(lenet_teacher, tmp_path):
+    for flag, value in (("--finalists", "-1"), ("--finalist-images", "8"), ("--finalist-epochs", "0")):
+        r = invoke("--teacher", lenet_teacher, flag, value, "--out", tmp_path / "p")
+        assert r.exit_code == 2 and flag in r.output and not (tmp_path / "p").exists()
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.mark.slow
@@ -328,6 +372,12 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     assert p["distil"]["epochs"] == meta["config"]["epochs"] == LENET_TEACHER_CONFIG["epochs"]
     log = [json.loads(line) for line in (out / "prune_log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and all(e["macs_ratio"] <= 0.5 for e in log)
+    ranked = p["finalists"]["ranked"]  # the search's best distinct configurations, briefly distilled
+    distinct = {tuple(sorted(e["channels"].items())) for e in log}
+    assert 2 <= len(ranked) == min(6, len(distinct)) and p["finalists"]["count"] == 6
+    assert [r["short_val_acc"] for r in ranked] == sorted((r["short_val_acc"] for r in ranked), reverse=True)
+    assert p["reward"]["chosen"] == ranked[0] and {n: meta["channels"][n] for n in ranked[0]["channels"]} == ranked[0]["channels"]
+    assert min(r["search_rank"] for r in ranked) == 1 and "finalists" in p["stage_seconds"]
 
     teacher = load_teacher(out)  # builds the model from the recorded counts
     assert sg.channel_counts(teacher.model) == meta["channels"]
