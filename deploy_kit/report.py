@@ -451,6 +451,13 @@ def pruning_html(files: RunFiles) -> str:
              f"{_e(table.get('holdout_error_pct'))}%",
              f"INT8 test accuracy {_e(files.teacher.meta['accuracy']['int8']['test'])}% vs "
              f"{_e((p['source'].get('accuracy_int8') or {}).get('test'))}% unpruned"]
+    ranked = p.get("finalists", {}).get("ranked") or []
+    if ranked:
+        fin = p["finalists"]
+        facts.append(f"{len(ranked)} finalists, each distilled {_e(fin['epochs'])} epoch(s) on {_e(fin['images'])} "
+                     "training images, val % after it (search rank): "
+                     + ", ".join(f"{_e(r['short_val_acc'])} (#{_e(r['search_rank'])})" for r in ranked)
+                     + " — the first was distilled in full")
     return "\n".join(["<h2>Pruning</h2>", *[f'<p class="meta">{f}</p>' for f in facts],
                       _table(["layer", "channels", "kept", "table ms (full)", "table ms (kept)"], rows, {1, 2, 3, 4})])
 

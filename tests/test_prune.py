@@ -378,6 +378,11 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     assert [r["short_val_acc"] for r in ranked] == sorted((r["short_val_acc"] for r in ranked), reverse=True)
     assert p["reward"]["chosen"] == ranked[0] and {n: meta["channels"][n] for n in ranked[0]["channels"]} == ranked[0]["channels"]
     assert min(r["search_rank"] for r in ranked) == 1 and "finalists" in p["stage_seconds"]
+    from deploy_kit.report import REPORT_NAME, write_report
+    write_report(out)  # its pruning section: channels kept per layer, the table, the finalists
+    page = (out / REPORT_NAME).read_text()
+    assert "<h2>Pruning</h2>" in page and f"{len(ranked)} finalists" in page
+    assert f"{ranked[0]['short_val_acc']} (#{ranked[0]['search_rank']})" in page
 
     teacher = load_teacher(out)  # builds the model from the recorded counts
     assert sg.channel_counts(teacher.model) == meta["channels"]

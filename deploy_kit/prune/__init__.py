@@ -5,9 +5,10 @@
 train run → float model (surgery.float_from_teacher) → latency table in the target runtime
 (latency.py, cached) → PPO over per-layer keep ratios under a hard budget (agent.py), each
 proposal L1-pruned with torch-pruning, BN re-estimated on training images and scored on the
-validation split → the best few are distilled briefly and ranked on val (finalists.py) →
-the best is distilled from the unpruned teacher and QAT'd (distil.py) → its INT8 export is timed against the unpruned one's (the table's error) → an
-ordinary teacher run folder whose teacher.json adds `channels` and `pruning`.
+validation split → the best few are distilled briefly and ranked on val (finalists.py) → the
+best is distilled from the unpruned teacher and QAT'd (distil.py) → its INT8 export is timed
+against the unpruned one's (the table's error) → an ordinary teacher run folder whose
+teacher.json adds `channels` and `pruning`.
 """
 
 from __future__ import annotations
