@@ -456,8 +456,14 @@ def pruning_html(files: RunFiles) -> str:
         fin = p["finalists"]
         facts.append(f"{len(ranked)} finalists, each distilled {_e(fin['epochs'])} epoch(s) on {_e(fin['images'])} "
                      "training images, val % after it (search rank): "
-                     + ", ".join(f"{_e(r['short_val_acc'])} (#{_e(r['search_rank'])})" for r in ranked)
+                     + ", ".join(f"{_e(r['short_val_acc'])} (#{_e(r['search_rank'])}"
+                                 + (f", ×{_e(r['measured_ratio'])} measured" if "measured_ratio" in r else "") + ")"
+                                 for r in ranked)
                      + " — the first was distilled in full")
+    over = p.get("finalists", {}).get("over_budget") or []
+    if over:
+        facts.append(f"{len(over)} finalist(s) measured over the budget and not distilled: "
+                     + ", ".join(f"search episode {_e(r['episode'])} ×{_e(r['measured_ratio'])}" for r in over))
     return "\n".join(["<h2>Pruning</h2>", *[f'<p class="meta">{f}</p>' for f in facts],
                       _table(["layer", "channels", "kept", "table ms (full)", "table ms (kept)"], rows, {1, 2, 3, 4})])
 

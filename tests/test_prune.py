@@ -341,6 +341,37 @@ def test_finalists_are_ranked_by_val_after_a_short_distillation(lenet_teacher, f
             FinalistConfig(**bad)
 
 
+def test_finalists_measured_over_a_latency_budget_are_dropped():
+    from deploy_kit.prune.finalists import within_measured_budget
+
+    timed = [{"episode": e, "measured_ratio": r} for e, r in [(1, 0.51), (2, 0.49), (3, 0.50), (4, 0.47)]]
+    kept, dropped = within_measured_budget(timed, 0.5)
+    assert [r["episode"] for r in kept] == [2, 3, 4] and [r["episode"] for r in dropped] == [1]  # order kept
+    kept, dropped = within_measured_budget(timed, 0.4)  # none within: the fastest stays, so there is a choice
+    assert [r["episode"] for r in kept] == [4] and [r["episode"] for r in dropped] == [1, 2, 3]
+    assert within_measured_budget([], 0.5) == ([], [])
+
+
+def test_finalists_are_timed_as_int8_exports_against_the_unpruned_teacher(lenet_teacher, float_lenet, digits):
+    """Real LiteRT exports of each finalist and of the unpruned teacher, timed in one session; the
+    gate then keeps what its measured ratio allows (no speed is asserted: only what is recorded)."""
+    from deploy_kit.prune.finalists import time_finalists, within_measured_budget
+
+    model, x_bn = float_lenet
+    full = sg.full_channels(sg.layer_infos(model, SHAPE))
+    floors = {n: min(c, lt.channel_step(c)) for n, c in full.items()}
+    finalists = [{"episode": 1, "channels": floors}, {"episode": 2, "channels": {**full, "conv2": full["conv2"] - 4}}]
+    image = normalize(digits.split("val").images[:1], digits.norm)
+    timed = time_finalists(finalists, model, load_teacher(lenet_teacher).model, x_bn, image, "litert", 0)
+    assert [r["episode"] for r in timed] == [1, 2] and [r["channels"] for r in timed] == [floors, finalists[1]["channels"]]
+    assert len({r["unpruned_ms"] for r in timed}) == 1 and all(r["measured_ms"] > 0 for r in timed)
+    assert all(r["measured_ratio"] == round(r["measured_ms"] / r["unpruned_ms"], 4) for r in timed)
+    fastest = min(timed, key=lambda r: r["measured_ratio"])
+    kept, dropped = within_measured_budget(timed, fastest["measured_ratio"])
+    assert fastest in kept and all(r["measured_ratio"] <= fastest["measured_ratio"] for r in kept)
+    assert len(kept) + len(dropped) == 2
+
+
 def test_bad_finalist_options_exit_2_and_write_nothing(lenet_teacher, tmp_path):
     for flag, value in (("--finalists", "-1"), ("--finalist-images", "8"), ("--finalist-epochs", "0")):
         r = invoke("--teacher", lenet_teacher, flag, value, "--out", tmp_path / "p")
@@ -380,6 +411,7 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     assert [r["short_val_acc"] for r in ranked] == sorted((r["short_val_acc"] for r in ranked), reverse=True)
     assert p["reward"]["chosen"] == ranked[0] and {n: meta["channels"][n] for n in ranked[0]["channels"]} == ranked[0]["channels"]
     assert min(r["search_rank"] for r in ranked) == 1 and "finalists" in p["stage_seconds"]
+    assert p["finalists"]["over_budget"] == [] and not any("measured_ratio" in r for r in ranked)  # MACs: exact
     from deploy_kit.report import REPORT_NAME, write_report
     write_report(out)  # its pruning section: channels kept per layer, the table, the finalists
     page = (out / REPORT_NAME).read_text()

@@ -5,7 +5,8 @@
 train run → float model (surgery.float_from_teacher) → latency table in the target runtime
 (latency.py, cached) → PPO over per-layer keep ratios under a hard budget (agent.py), each
 proposal L1-pruned with torch-pruning, BN re-estimated on training images and scored on the
-validation split → the best few are distilled briefly and ranked on val (finalists.py) → the
+validation split → the best few are timed as INT8 exports (under a latency budget: those over it
+are dropped), distilled briefly and ranked on val (finalists.py) → the
 best is distilled from the unpruned teacher and QAT'd (distil.py) → its INT8 export is timed
 against the unpruned one's (the table's error) → an ordinary teacher run folder whose
 teacher.json adds `channels` and `pruning`.
@@ -31,7 +32,8 @@ from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import atomic_path, check_writable
 from deploy_kit.prune import agent as ag
 from deploy_kit.prune.distil import DistilConfig, distil_and_qat
-from deploy_kit.prune.finalists import FinalistConfig, rank_finalists, shortlist
+from deploy_kit.prune.finalists import (FinalistConfig, rank_finalists, shortlist, time_finalists,
+                                        within_measured_budget)
 from deploy_kit.prune.latency import RUNTIMES, TableSpec, export_for_runtime, latency_table, measure
 from deploy_kit.prune.reward import Scorer
 from deploy_kit.prune.surgery import (channel_counts, float_from_teacher, full_channels, layer_infos, macs,
@@ -192,7 +194,16 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     clock = time.perf_counter()
     train_cfg = _train_config(teacher)
     distil = cfg.distil.resolved(train_cfg.optimizer, train_cfg.epochs)
-    finalists = shortlist(scorer.records, max(1, cfg.finalists.count))
+    finalists, dropped = shortlist(scorer.records, max(1, cfg.finalists.count)), []
+    if cfg.metric == "latency":  # the table's error is as large as the search's margin: measure, then choose
+        timed = time_finalists(finalists, st.model, teacher.model, st.x_bn, st.image, cfg.runtime, cfg.seed)
+        finalists, dropped = within_measured_budget(timed, cfg.ratio)
+        if dropped:
+            say(f"{len(dropped)} of {len(timed)} finalists measured over the budget ({cfg.ratio}×): "
+                + ", ".join(f"episode {r['episode']} {r['measured_ratio']:.3f}×" for r in dropped) + "; not distilled")
+        if all(r["measured_ratio"] > cfg.ratio for r in finalists):
+            say(f"warning: every finalist measured over the budget; the fastest ({finalists[0]['measured_ratio']:.3f}×) "
+                "is kept. On a busy machine timing reads high: re-run on a quiet one")
     if len(finalists) > 1:
         finalists = rank_finalists(finalists, st.model, teacher.model, st.x_bn, st.ds, train_cfg, distil, cfg.finalists,
                                    cfg.seed, device, say)
@@ -213,7 +224,7 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     timing = _measure_pair(teacher.model, student, in_shape, cfg.runtime, st.x_bn, st.image, cfg.seed)
     seconds["measure"] = round(time.perf_counter() - clock, 1)
     channels = channel_counts(student)
-    pruning = _pruning_record(cfg, distil, st, teacher, scorer, finalists, channels, timing, seconds)
+    pruning = _pruning_record(cfg, distil, st, teacher, scorer, finalists, dropped, channels, timing, seconds)
     new_meta = {**{k: v for k, v in meta.items() if k not in ("format", "weights", "weights_sha256")},
                 "seed": meta["seed"], "channels": channels,
                 "input_quant": quant.input_quant(student).to_dict(), "output_quant": quant.output_quant(student).to_dict(),
@@ -262,7 +273,8 @@ def _measure_pair(unpruned, pruned, in_shape, runtime: str, x_bn, image, seed: i
     return {"unpruned": base, "pruned": ms}
 
 
-def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, finalists, channels, timing, seconds) -> dict:
+def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, finalists, dropped, channels, timing,
+                    seconds) -> dict:
     spec, table, infos = st.spec, st.table, st.infos
     full = full_channels(infos)
     kept = {n: channels[n] for n in full}
@@ -277,7 +289,8 @@ def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, finalists, ch
         "runtime": cfg.runtime, "seed": cfg.seed, "episodes": len(scorer.records),
         "reward": {"alpha": cfg.alpha, "beta": cfg.beta, "gamma": cfg.gamma, "split": "val",
                    "bn_images": cfg.bn_images, "val_acc_unpruned": scorer.acc0, "chosen": finalists[0]},
-        "finalists": {**cfg.finalists.to_dict(), "ranked": finalists if len(finalists) > 1 else []},
+        "finalists": {**cfg.finalists.to_dict(), "ranked": finalists if len(finalists) > 1 else [],
+                      "over_budget": dropped},  # measured over a latency budget: not distilled
         "channels_full": full, "ppo": cfg.ppo.to_dict(), "distil": distil.to_dict(),
         "latency_ms": {"measured": timing, "predicted": predicted, "table_error_pct": err,
                        "measured_ratio": round(ratio["measured"], 4), "predicted_ratio": round(ratio["predicted"], 4),
