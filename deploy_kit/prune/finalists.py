@@ -31,7 +31,7 @@ from deploy_kit.data import Dataset, Split
 from deploy_kit.errors import ConfigError
 from deploy_kit.prune.distil import DistilConfig, Distillation
 from deploy_kit.prune.latency import export_for_runtime, int8_qat_form, measure
-from deploy_kit.prune.surgery import pruned_copy, reestimate_bn
+from deploy_kit.prune.surgery import config_key, pruned_copy, reestimate_bn
 from deploy_kit.train import TrainConfig, accuracy, predict, run_epochs
 
 
@@ -54,7 +54,7 @@ def shortlist(records: list[dict], count: int) -> list[dict]:
     """The `count` best distinct configurations by the search's reward (ties: the earlier episode)."""
     seen, out = set(), []
     for rec in sorted(records, key=lambda r: (-r["reward"], r["episode"])):
-        key = tuple(sorted(rec["channels"].items()))
+        key = config_key(rec["channels"])
         if key not in seen:
             seen.add(key)
             out.append(rec)

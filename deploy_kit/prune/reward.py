@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from deploy_kit.data import Dataset, Split
 from deploy_kit.prune.latency import LatencyTable
-from deploy_kit.prune.surgery import full_channels, macs, pruned_copy, reestimate_bn
+from deploy_kit.prune.surgery import config_key, full_channels, macs, pruned_copy, reestimate_bn
 from deploy_kit.train import accuracy, predict
 
 
@@ -30,7 +30,7 @@ class Scorer:
         return [self.one(c)["reward"] for c in configs]
 
     def one(self, channels: dict[str, int]) -> dict:
-        key = tuple(sorted(channels.items()))
+        key = config_key(channels)
         if key not in self._seen:
             acc = self._accuracy(channels)
             dc, dh = macs(self.infos, channels) / self.macs0 - 1, self.table.predict(channels) / self.ms0 - 1

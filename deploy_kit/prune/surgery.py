@@ -92,6 +92,11 @@ def full_channels(infos: "OrderedDict[str, LayerInfo]") -> dict[str, int]:
     return {n: i.c_out for n, i in infos.items() if i.prunable}
 
 
+def config_key(channels: dict[str, int]) -> tuple:
+    """A hashable key of one channel configuration, whatever the order of its layers."""
+    return tuple(sorted(channels.items()))
+
+
 def resolve_channels(infos: "OrderedDict[str, LayerInfo]", channels: dict[str, int]) -> list[tuple[LayerInfo, int, int]]:
     """(layer, c_in, c_out) of every block under `channels` (prunable layers' output counts);
     a depthwise block follows its input, everything else keeps its own count."""
