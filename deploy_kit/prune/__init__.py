@@ -194,19 +194,7 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     clock = time.perf_counter()
     train_cfg = _train_config(teacher)
     distil = cfg.distil.resolved(train_cfg.optimizer, train_cfg.epochs)
-    finalists, dropped = shortlist(scorer.records, max(1, cfg.finalists.count)), []
-    if cfg.metric == "latency":  # the table's error is as large as the search's margin: measure, then choose
-        timed = time_finalists(finalists, st.model, teacher.model, st.x_bn, st.image, cfg.runtime, cfg.seed)
-        finalists, dropped = within_measured_budget(timed, cfg.ratio)
-        if dropped:
-            say(f"{len(dropped)} of {len(timed)} finalists measured over the budget ({cfg.ratio}×): "
-                + ", ".join(f"episode {r['episode']} {r['measured_ratio']:.3f}×" for r in dropped) + "; not distilled")
-        if all(r["measured_ratio"] > cfg.ratio for r in finalists):
-            say(f"warning: every finalist measured over the budget; the fastest ({finalists[0]['measured_ratio']:.3f}×) "
-                "is kept. On a busy machine timing reads high: re-run on a quiet one")
-    if len(finalists) > 1:
-        finalists = rank_finalists(finalists, st.model, teacher.model, st.x_bn, st.ds, train_cfg, distil, cfg.finalists,
-                                   cfg.seed, device, say)
+    finalists, dropped = _finalists(cfg, st, teacher, scorer, train_cfg, distil, device, say)
     best = finalists[0]
     seconds["finalists"] = round(time.perf_counter() - clock, 1)
     say(f"chosen: {best['channels']} (val {best['val_acc']}% before distillation"
@@ -235,6 +223,27 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     _write_log(out / LOG_NAME, scorer.records)
     save_teacher(student, new_meta, out)  # the sidecar last: a folder with it is complete
     return PruneOutcome(out, {**new_meta}, seconds)
+
+
+def _finalists(cfg: PruneConfig, st: SearchSetup, teacher: Teacher, scorer: Scorer, train_cfg: TrainConfig,
+               distil: DistilConfig, device, say) -> tuple[list[dict], list[dict]]:
+    """(ranked, dropped): the search's best few, under a latency budget timed as INT8 exports and
+    those measured over it dropped (the table's error is as large as the search's margin), then
+    ranked on val after a short distillation; the first is the one to distil in full."""
+    finalists, dropped = shortlist(scorer.records, max(1, cfg.finalists.count)), []
+    if cfg.metric == "latency":
+        timed = time_finalists(finalists, st.model, teacher.model, st.x_bn, st.image, cfg.runtime, cfg.seed)
+        finalists, dropped = within_measured_budget(timed, cfg.ratio)
+        if dropped:
+            say(f"{len(dropped)} of {len(timed)} finalists measured over the budget ({cfg.ratio}×): "
+                + ", ".join(f"episode {r['episode']} {r['measured_ratio']:.3f}×" for r in dropped) + "; not distilled")
+        if finalists[0]["measured_ratio"] > cfg.ratio:
+            say(f"warning: every finalist measured over the budget; the fastest ({finalists[0]['measured_ratio']:.3f}×) "
+                "is kept. A busy machine times high: re-run on a quiet one")
+    if len(finalists) > 1:
+        finalists = rank_finalists(finalists, st.model, teacher.model, st.x_bn, st.ds, train_cfg, distil, cfg.finalists,
+                                   cfg.seed, device, say)
+    return finalists, dropped
 
 
 def _space(infos, cost, cfg: PruneConfig) -> ag.ChannelSpace:
