@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from deploy_kit.prune import agent as ag
 from deploy_kit.prune.distil import DistilConfig, distil_and_qat
 from deploy_kit.prune.finalists import (FinalistConfig, rank_finalists, shortlist, time_finalists,
                                         within_measured_budget)
-from deploy_kit.prune.latency import RUNTIMES, TableSpec, export_for_runtime, latency_table, measure
+from deploy_kit.prune.latency import RUNTIMES, TableSpec, latency_table, time_against
 from deploy_kit.prune.reward import Scorer
 from deploy_kit.prune.surgery import (channel_counts, float_from_teacher, full_channels, layer_infos, macs,
                                       pruned_copy, reestimate_bn)
@@ -275,10 +274,7 @@ def _with_progress(scorer: Scorer, total: int):
 
 def _measure_pair(unpruned, pruned, in_shape, runtime: str, x_bn, image, seed: int) -> dict:
     """Both INT8 teachers exported for `runtime` and timed interleaved (ms)."""
-    with tempfile.TemporaryDirectory(prefix="deploykit-prune-") as tmp:
-        paths = [export_for_runtime(m, in_shape, runtime, Path(tmp), stem, x_bn[:8].numpy())
-                 for m, stem in ((unpruned, "unpruned"), (pruned, "pruned"))]
-        base, ms = measure(paths, runtime, image, rounds=21, seed=seed)
+    base, (ms,) = time_against(unpruned, [pruned], in_shape, runtime, x_bn, image, seed)
     return {"unpruned": base, "pruned": ms}
 
 

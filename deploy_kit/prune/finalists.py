@@ -19,9 +19,7 @@ fastest is kept and the caller is told.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -30,7 +28,7 @@ import torch
 from deploy_kit.data import Dataset, Split
 from deploy_kit.errors import ConfigError
 from deploy_kit.prune.distil import DistilConfig, Distillation
-from deploy_kit.prune.latency import export_for_runtime, int8_qat_form, measure
+from deploy_kit.prune.latency import int8_qat_form, time_against
 from deploy_kit.prune.surgery import config_key, pruned_copy, reestimate_bn
 from deploy_kit.train import TrainConfig, accuracy, predict, run_epochs
 
@@ -95,15 +93,10 @@ def time_finalists(finalists: list[dict], model, unpruned, x_bn: torch.Tensor, i
     (activation ranges from `x_bn`, as the latency table's) timed against the unpruned INT8
     teacher `unpruned`, all interleaved in one session (1 thread, batch 1)."""
     in_shape = tuple(x_bn.shape[1:])
-    calibration = x_bn[:8].numpy()
-    with tempfile.TemporaryDirectory(prefix="deploykit-finalists-") as tmp:
-        paths = [export_for_runtime(unpruned, in_shape, runtime, Path(tmp), "unpruned", calibration)]
-        for i, rec in enumerate(finalists):
-            qat = int8_qat_form(pruned_copy(model, rec["channels"], in_shape), x_bn)
-            paths.append(export_for_runtime(qat, in_shape, runtime, Path(tmp), f"finalist{i}", calibration))
-        ms = measure(paths, runtime, image, rounds=21, seed=seed)
-    return [{**rec, "measured_ms": t, "unpruned_ms": ms[0], "measured_ratio": round(t / ms[0], 4)}
-            for rec, t in zip(finalists, ms[1:])]
+    qat = [int8_qat_form(pruned_copy(model, rec["channels"], in_shape), x_bn) for rec in finalists]
+    base, ms = time_against(unpruned, qat, in_shape, runtime, x_bn, image, seed)
+    return [{**rec, "measured_ms": t, "unpruned_ms": base, "measured_ratio": round(t / base, 4)}
+            for rec, t in zip(finalists, ms)]
 
 
 def within_measured_budget(timed: list[dict], ratio: float) -> tuple[list[dict], list[dict]]:

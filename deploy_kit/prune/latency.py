@@ -206,6 +206,17 @@ def measure(paths: list[Path], runtime: str, image: np.ndarray, rounds: int = 15
     return [round(1e3 * float(np.median(r)), 5) for r in per_round]
 
 
+def time_against(unpruned: ZooModel, models: list[ZooModel], in_shape: tuple[int, int, int], runtime: str,
+                 x_calib: torch.Tensor, image: np.ndarray, seed: int) -> tuple[float, list[float]]:
+    """(unpruned ms, ms of each model): frozen QAT models exported for `runtime` and timed
+    interleaved with the unpruned one in one session (1 thread, batch 1, 21 rounds)."""
+    with tempfile.TemporaryDirectory(prefix="deploykit-timing-") as tmp:
+        paths = [export_for_runtime(m, in_shape, runtime, Path(tmp), f"m{i}", x_calib[:8].numpy())
+                 for i, m in enumerate([unpruned, *models])]
+        ms = measure(paths, runtime, image, rounds=21, seed=seed)
+    return ms[0], ms[1:]
+
+
 # ----------------------------------------------------------------------------- build / cache
 
 @dataclass(frozen=True)
