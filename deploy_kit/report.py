@@ -443,7 +443,9 @@ def pruning_html(files: RunFiles) -> str:
     per, per_full = table.get("per_layer_ms", {}), table.get("per_layer_ms_unpruned", {})
     rows = [[_e(n), _e(full), _e(files.teacher.meta["channels"].get(n)), _cell(per_full.get(n)), _cell(per.get(n))]
             for n, full in p["channels_full"].items()]
-    facts = [f"budget {_e(p['budget']['text'])} in {_e(p['runtime'])}, method {_e(p['method'])}, "
+    searched = p["budget"].get("search_ratio", p["budget"]["ratio"])  # absent before the latency margin
+    margin = f" (searched at ×{_e(round(searched, 4))} predicted)" if searched < p["budget"]["ratio"] else ""
+    facts = [f"budget {_e(p['budget']['text'])}{margin} in {_e(p['runtime'])}, method {_e(p['method'])}, "
              f"{_e(p['episodes'])} episodes, seed {_e(p['seed'])}; MACs ×{_e(p['macs']['ratio'])}",
              f"measured latency {_e(lat['measured']['pruned'])} ms vs {_e(lat['measured']['unpruned'])} ms unpruned "
              f"(×{_e(lat['measured_ratio'])}); the table predicted ×{_e(lat['predicted_ratio'])}, error "

@@ -3,7 +3,9 @@ teacher going through search → export → verify unchanged (real torch-pruning
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,6 +207,28 @@ def test_bad_budget_exits_2_and_writes_nothing(lenet_teacher, tmp_path, budget, 
     assert not (tmp_path / "p").exists() and "Traceback" not in r.output
 
 
+def test_a_latency_budget_is_searched_below_the_budget_by_the_margin(float_lenet):
+    from deploy_kit.prune import _check_reachable, _space
+
+    model, _ = float_lenet
+    infos = sg.layer_infos(model, SHAPE)
+    cost = lambda ch: float(sg.macs(infos, ch))  # noqa: E731  (any cost: the margin scales whichever)
+    full = cost(sg.full_channels(infos))
+    for budget, margin, searched in [("latency=0.5", 0.05, 0.475), ("latency=0.5", 0.0, 0.5), ("macs=0.5", 0.2, 0.5)]:
+        cfg = PruneConfig(teacher=Path("x"), budget=budget, latency_margin=margin)
+        assert cfg.search_ratio == pytest.approx(searched)
+        assert _space(infos, cost, cfg).budget == pytest.approx(searched * full)
+    smallest = _space(infos, cost, PruneConfig(teacher=Path("x"))).reachable() / full
+    edge = PruneConfig(teacher=Path("x"), budget=f"latency={smallest + 0.01:.3f}", latency_margin=0.2)
+    with pytest.raises(ConfigError, match=r"pass a budget >= .* with --latency-margin 0.2, or lower the margin"):
+        _check_reachable(_space(infos, cost, edge), edge, "lenet5")
+    no_margin = dataclasses.replace(edge, latency_margin=0.0)
+    _check_reachable(_space(infos, cost, no_margin), no_margin, "lenet5")  # reachable at the budget itself
+    for bad in (-0.1, 0.5, float("nan")):
+        with pytest.raises(ConfigError, match="--latency-margin must be in"):
+            PruneConfig(teacher=Path("x"), latency_margin=bad)
+
+
 def test_unknown_runtime_and_existing_output(lenet_teacher, tmp_path):
     r = invoke("--teacher", lenet_teacher, "--runtime", "coreml", "--out", tmp_path / "p", *FAST)
     assert r.exit_code == 2 and "unknown --runtime 'coreml'" in r.stderr
@@ -397,7 +421,7 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     assert sum(meta["channels"].values()) < sum(p["channels_full"].values()) + 10
     assert p["latency_ms"]["measured"]["pruned"] > 0 and p["latency_table"]["holdout_error_pct"]
     assert isinstance(p["latency_table"]["other_load"], float)  # recorded from the table that priced the search
-    assert p["seed"] == 0 and p["budget"] == {"metric": "macs", "ratio": 0.5, "text": "macs=0.5"}
+    assert p["seed"] == 0 and p["budget"] == {"metric": "macs", "ratio": 0.5, "text": "macs=0.5", "search_ratio": 0.5}
     assert p["distil"]["lr"] == meta["config"]["lr"] == 1e-3  # the Adam teacher's default distillation rate
     assert p["distil"]["at_weight"] == DistilConfig().at_weight and p["distil"]["qat_kd"] is True
     from conftest import LENET_TEACHER_CONFIG

@@ -15,6 +15,10 @@ from deploy_kit.device import DEVICES
               help="Run folder written by `deploykit train` (teacher.json + teacher.safetensors).")
 @click.option("--budget", default="latency=0.5", show_default=True,
               help="latency=F or macs=F: the pruned model's cost as a fraction F in (0, 1) of the unpruned one's.")
+@click.option("--latency-margin", type=Finite(0, 0.5, max_open=True), default=0.05, show_default=True,
+              help="A latency budget is searched at budget × (1 − margin) as the latency table predicts it, so that "
+                   "what is chosen measures under the budget despite the table's and the machine's few per cent of "
+                   "noise; the measured checks use the budget itself. MACs budgets are exact and take no margin.")
 @click.option("--runtime", default="litert", show_default=True,
               help="Where latency is measured: litert (TFLite INT8, XNNPACK) or onnxruntime.")
 @click.option("--method", default="ppo", show_default=True,
@@ -53,7 +57,7 @@ from deploy_kit.device import DEVICES
 @click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
 @json_option
 @handle_errors
-def command(teacher, budget, runtime, method, episodes, alpha, beta, gamma, finalists, finalist_images, finalist_epochs,
+def command(teacher, budget, latency_margin, runtime, method, episodes, alpha, beta, gamma, finalists, finalist_images, finalist_epochs,
             kd_epochs, qat_epochs, kd_lr, kd_temperature, kd_alpha, kd_at_weight, qat_kd, device, threads, seed, out, force, as_json):
     """Remove channels under a latency or MACs budget, then distil and QAT the pruned model.
 
@@ -74,7 +78,7 @@ def command(teacher, budget, runtime, method, episodes, alpha, beta, gamma, fina
     from deploy_kit.prune.distil import DistilConfig
     from deploy_kit.prune.finalists import FinalistConfig
 
-    cfg = PruneConfig(teacher=teacher, budget=budget, runtime=runtime, method=method, episodes=episodes, alpha=alpha,
+    cfg = PruneConfig(teacher=teacher, budget=budget, latency_margin=latency_margin, runtime=runtime, method=method, episodes=episodes, alpha=alpha,
                       beta=beta, gamma=gamma, seed=seed, device=device, threads=threads,
                       finalists=FinalistConfig(count=finalists, images=finalist_images, epochs=finalist_epochs),
                       distil=DistilConfig(epochs=kd_epochs, qat_epochs=qat_epochs, lr=kd_lr, temperature=kd_temperature,

@@ -65,6 +65,11 @@ def parse_budget(text: str) -> tuple[str, float]:
 class PruneConfig:
     teacher: Path
     budget: str = "latency=0.5"
+    # A latency budget is searched at budget × (1 − margin) as the table predicts it: the table's
+    # error (±3.4 % on CIFAR-10 VGG16-0.25) and a shared machine's timing states (the same model read
+    # 0.47× and 0.53×) are as large as the gap the search leaves at the edge, so an edge configuration
+    # measures over the budget half the time. The measured gate and the final check use the budget.
+    latency_margin: float = 0.05
     runtime: str = "litert"
     method: str = "ppo"
     episodes: int = 64
@@ -91,6 +96,8 @@ class PruneConfig:
         if self.episodes < 1 or self.bn_images < 8 or self.table_random < 4 or self.threads < 1:
             raise ConfigError(f"need --episodes >= 1, --threads >= 1, bn_images >= 8, table_random >= 4, got "
                               f"{self.episodes}, {self.threads}, {self.bn_images}, {self.table_random}")
+        if not 0 <= self.latency_margin < 0.5:
+            raise ConfigError(f"--latency-margin must be in [0, 0.5), a fraction of the budget, got {self.latency_margin}")
         if min(self.alpha, self.beta, self.gamma) < 0:
             raise ConfigError(f"reward weights must be >= 0, got α={self.alpha} β={self.beta} γ={self.gamma}")
         if not 0 <= self.seed < 2**63:
@@ -104,6 +111,11 @@ class PruneConfig:
     @property
     def ratio(self) -> float:
         return parse_budget(self.budget)[1]
+
+    @property
+    def search_ratio(self) -> float:
+        """The fraction the search's hard budget enforces on the predicted cost (MACs are exact)."""
+        return self.ratio * (1 - self.latency_margin) if self.metric == "latency" else self.ratio
 
 
 @dataclass(frozen=True)
@@ -246,15 +258,19 @@ def _finalists(cfg: PruneConfig, st: SearchSetup, teacher: Teacher, scorer: Scor
 
 
 def _space(infos, cost, cfg: PruneConfig) -> ag.ChannelSpace:
-    return ag.ChannelSpace(infos, cost, cfg.ratio * cost(full_channels(infos)))
+    return ag.ChannelSpace(infos, cost, cfg.search_ratio * cost(full_channels(infos)))
 
 
 def _check_reachable(space: ag.ChannelSpace, cfg: PruneConfig, arch: str) -> None:
     full = space.cost(space.full)
     smallest = space.reachable() / full
-    if smallest > cfg.ratio:
+    if smallest > cfg.search_ratio:
+        least = np.ceil(smallest / (cfg.search_ratio / cfg.ratio) * 1000) / 1000
+        fix = f"pass a budget >= {least:.3f}" if least < 1 else "no budget can be met"
+        if cfg.search_ratio < cfg.ratio:
+            fix += f" with --latency-margin {cfg.latency_margin}, or lower the margin (searched at {cfg.search_ratio:.3f})"
         raise ConfigError(f"--budget {cfg.budget}: {arch} cannot get below {smallest:.3f} of its {cfg.metric} "
-                          f"(every layer at its floor of one channel step); pass a budget >= {np.ceil(smallest * 1000) / 1000:.3f}")
+                          f"(every layer at its floor of one channel step); {fix}")
 
 
 def _with_progress(scorer: Scorer, total: int):
@@ -290,7 +306,8 @@ def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, finalists, dr
     # absolute figure alike, so the error of the ratio (same session) is the table's own error.
     err["ratio"] = round(100 * (ratio["predicted"] - ratio["measured"]) / ratio["measured"], 2)
     return {
-        "method": cfg.method, "budget": {"metric": cfg.metric, "ratio": cfg.ratio, "text": cfg.budget},
+        "method": cfg.method, "budget": {"metric": cfg.metric, "ratio": cfg.ratio, "text": cfg.budget,
+                                         "search_ratio": round(cfg.search_ratio, 6)},
         "runtime": cfg.runtime, "seed": cfg.seed, "episodes": len(scorer.records),
         "reward": {"alpha": cfg.alpha, "beta": cfg.beta, "gamma": cfg.gamma, "split": "val",
                    "bn_images": cfg.bn_images, "val_acc_unpruned": scorer.acc0, "chosen": finalists[0]},
