@@ -222,6 +222,8 @@ def test_a_latency_budget_is_searched_below_the_budget_by_the_margin(float_lenet
     edge = PruneConfig(teacher=Path("x"), budget=f"latency={smallest + 0.01:.3f}", latency_margin=0.2)
     with pytest.raises(ConfigError, match=r"pass a budget >= .* with --latency-margin 0.2, or lower the margin"):
         _check_reachable(_space(infos, cost, edge), edge, "lenet5")
+    with pytest.raises(ConfigError, match=r"On this machine 84% of its litert INT8 time is a fixed cost"):
+        _check_reachable(_space(infos, cost, edge), edge, "lenet5", fixed=0.836)  # the table's t0 share, when latency
     no_margin = dataclasses.replace(edge, latency_margin=0.0)
     _check_reachable(_space(infos, cost, no_margin), no_margin, "lenet5")  # reachable at the budget itself
     for bad in (-0.1, 0.5, float("nan")):

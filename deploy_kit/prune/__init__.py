@@ -182,7 +182,7 @@ def search_setup(cfg: PruneConfig, teacher: Teacher, say: Callable[[str], None] 
     spec = TableSpec(meta["model"], meta["width"], in_shape, cfg.runtime, full_channels(infos), cfg.table_random, seed=cfg.seed)
     table = latency_table(spec, model, infos, x_bn, image, say)
     space = _space(infos, table.predict if cfg.metric == "latency" else (lambda ch: float(macs(infos, ch))), cfg)
-    _check_reachable(space, cfg, meta["model"])
+    _check_reachable(space, cfg, meta["model"], fixed=table.t0 / table.predict(space.full) if cfg.metric == "latency" else None)
     return SearchSetup(ds, x_bn, model, infos, image, spec, table, space)
 
 
@@ -261,7 +261,9 @@ def _space(infos, cost, cfg: PruneConfig) -> ag.ChannelSpace:
     return ag.ChannelSpace(infos, cost, cfg.search_ratio * cost(full_channels(infos)))
 
 
-def _check_reachable(space: ag.ChannelSpace, cfg: PruneConfig, arch: str) -> None:
+def _check_reachable(space: ag.ChannelSpace, cfg: PruneConfig, arch: str, fixed: float | None = None) -> None:
+    """Refuses a budget that every layer at its floor still exceeds; `fixed`: the share of the
+    unpruned model's predicted latency that the table puts in no layer (the runtime's own cost)."""
     full = space.cost(space.full)
     smallest = space.reachable() / full
     if smallest > cfg.search_ratio:
@@ -269,6 +271,9 @@ def _check_reachable(space: ag.ChannelSpace, cfg: PruneConfig, arch: str) -> Non
         fix = f"pass a budget >= {least:.3f}" if least < 1 else "no budget can be met"
         if cfg.search_ratio < cfg.ratio:
             fix += f" with --latency-margin {cfg.latency_margin}, or lower the margin (searched at {cfg.search_ratio:.3f})"
+        if fixed is not None:
+            fix += (f". On this machine {fixed:.0%} of its {cfg.runtime} INT8 time is a fixed cost that no channel count "
+                    "removes: prune for --budget macs=F instead, or measure latency on the target device")
         raise ConfigError(f"--budget {cfg.budget}: {arch} cannot get below {smallest:.3f} of its {cfg.metric} "
                           f"(every layer at its floor of one channel step); {fix}")
 
