@@ -263,7 +263,7 @@ def test_distillation_rate_follows_the_teachers_optimizer(lenet_teacher, tmp_pat
 
 def test_distillation_runs_longer_than_the_teacher_trained_unless_told(lenet_teacher, tmp_path):
     assert DistilConfig().epochs is None
-    assert DistilConfig().resolved("sgd", 40).epochs == 60 and DistilConfig().resolved("adam", 3).epochs == 5
+    assert DistilConfig().resolved("sgd", 40).epochs == 80 and DistilConfig().resolved("adam", 3).epochs == 6
     assert DistilConfig(epochs=3).resolved("sgd", 40).epochs == 3
     assert DistilConfig(epochs=0).resolved("adam", 40).epochs == 0  # 0 is a choice (QAT only), not "unset"
     with pytest.raises(ConfigError, match="--kd-epochs"):
@@ -415,7 +415,7 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
 
     out = tmp_path / "pruned"
     cfg = PruneConfig(teacher=lenet_teacher, budget="macs=0.5", episodes=8, table_random=4,
-                      distil=DistilConfig(qat_epochs=1))  # KD epochs: 1.5 × the teacher's
+                      distil=DistilConfig(qat_epochs=1))  # KD epochs: 2 × the teacher's
     summary = run_prune(cfg, out).summary()
     meta = json.loads((out / "teacher.json").read_text())
     p = meta["pruning"]
@@ -427,7 +427,7 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     assert p["distil"]["lr"] == meta["config"]["lr"] == 1e-3  # the Adam teacher's default distillation rate
     assert p["distil"]["at_weight"] == DistilConfig().at_weight and p["distil"]["qat_kd"] is True
     from conftest import LENET_TEACHER_CONFIG
-    assert p["distil"]["epochs"] == meta["config"]["epochs"] == 5  # 1.5 × the fixture's 3 epochs, rounded up
+    assert p["distil"]["epochs"] == meta["config"]["epochs"] == 6  # 2 × the fixture's 3 epochs
     assert LENET_TEACHER_CONFIG["epochs"] == 3
     log = [json.loads(line) for line in (out / "prune_log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and all(e["macs_ratio"] <= 0.5 for e in log)

@@ -35,8 +35,8 @@ from deploy_kit.device import DEVICES
 @click.option("--finalist-epochs", type=click.IntRange(1), default=1, show_default=True,
               help="Epochs over those images per finalist.")
 @click.option("--kd-epochs", type=click.IntRange(0), default=None,
-              help="Distillation epochs (float) from the unpruned teacher.  [default: 1.5× the teacher's own "
-                   "float epochs, rounded up]")
+              help="Distillation epochs (float) from the unpruned teacher.  [default: 2× the teacher's own "
+                   "float epochs]")
 @click.option("--qat-epochs", default=4, show_default=True, help="QAT epochs after distillation.")
 @click.option("--kd-lr", type=Finite(min=0, min_open=True), default=None,
               help="Peak learning rate of the distillation epochs (one-cycle), with the teacher's optimizer.  "
