@@ -13,15 +13,16 @@ from __future__ import annotations
 import argparse
 import re
 import tempfile
-import warnings
 from pathlib import Path
 
+import onnx
 import torch
 
 from deploy_kit.data import load_dataset, normalize
 from deploy_kit.prune import latency as lt
 from deploy_kit.prune import surgery as sg
 from deploy_kit.teacher import load_teacher
+from exporters.onnx_graph import torch_to_onnx
 
 RATIOS = (1.0, 0.5, 0.25)
 
@@ -32,12 +33,6 @@ def cpu() -> str:
     flags = set(re.search(r"flags\s*:\s*(.*)", text).group(1).split())
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
     return f"{name.group(1) if name else '?'} ({', '.join(isa)})"
-
-
-def float_onnx(model: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:
-    warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter: fine for a plain CNN
-    torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, opset_version=17)
-    return path
 
 
 def main() -> None:
@@ -64,7 +59,8 @@ def main() -> None:
             paths["litert int8"].append(lt.export_for_runtime(qat, in_shape, "litert", folder, f"l{r}", x[:8].numpy()))
             paths["onnxruntime int8"].append(lt.export_for_runtime(qat, in_shape, "onnxruntime", folder, f"o{r}",
                                                                    x[:8].numpy()))
-            paths["onnxruntime float"].append(float_onnx(pruned, x[:1], folder / f"f{r}.onnx"))
+            onnx.save(torch_to_onnx(pruned.eval(), in_shape), folder / f"f{r}.onnx")
+            paths["onnxruntime float"].append(folder / f"f{r}.onnx")
         for name, files in paths.items():
             ms[name] = lt.measure(files, name.split()[0], image, rounds=args.rounds)
     print(f"{teacher.meta['model']} width {teacher.meta['width']} on {cpu()}; ms at batch 1, 1 thread "
