@@ -1,12 +1,13 @@
 """The one subprocess worker: `python -m deploy_kit.worker DIR`.
 
-Two callers need a fresh Python process: `IsolatedRunner` (a runtime the table marks isolated —
-tflite_runtime, whose TFLite C++ symbols clash with TensorFlow's when both load in one process)
-and `bench` (every artifact timed in a process of its own, so allocator and thread-pool state
-do not carry over and the RSS growth is the model's). Both go through `call`: the job as
-DIR/job.json and its arrays as DIR/in.npz; the worker answers DIR/out.json (scalars) and
-DIR/out.npz (arrays). A refused job exits non-zero with one line on stderr, which becomes the
-caller's error line.
+Three callers need a fresh Python process: `IsolatedRunner` (a runtime the table marks isolated —
+tflite_runtime, whose TFLite C++ symbols clash with TensorFlow's when both load in one process),
+`bench` (every artifact timed in a process of its own, so allocator and thread-pool state do not
+carry over and the RSS growth is the model's) and `prune`'s latency timing (a process where Intel
+AMX can be refused before the runtime starts: `refuse_amx`, deploy_kit/amx.py). All go through
+`call`: the job as DIR/job.json and its arrays as DIR/in.npz; the worker answers DIR/out.json
+(scalars) and DIR/out.npz (arrays). A refused job exits non-zero with one line on stderr, which
+becomes the caller's error line.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def call(job: dict, arrays: dict[str, np.ndarray], failure: str) -> tuple[dict, 
 
 # ----------------------------------------------------------------------------- the worker's side
 
+def _refuse_amx() -> None:
+    from deploy_kit import amx
+
+    why = amx.refuse()
+    if why and amx.host_has_amx():
+        raise ExportError(f"cannot refuse Intel AMX to the timing process ({why}); pass --amx to time with it")
+
 def _runner(job: dict):
     from deploy_kit.runners import make_runner
 
@@ -69,11 +77,26 @@ def _bench(job: dict, x: np.ndarray) -> tuple[dict, dict]:
     return measure(job["entry"], exports, job["runtime"], cfg, x), {}
 
 
-OPS = {"predict": _predict, "tap_codes": _tap_codes, "bench": _bench}
+def _latency(job: dict, x: np.ndarray) -> tuple[dict, dict]:
+    from deploy_kit.timing import measure_here
+
+    ms = measure_here([Path(p) for p in job["paths"]], job["runtime"], x, job["rounds"], job["repeats"], job["seed"])
+    return {"ms": ms}, {}
+
+
+def _amx_probe(job: dict, x: np.ndarray) -> tuple[dict, dict]:
+    from deploy_kit import amx
+
+    return {"errno": amx.probe()}, {}
+
+
+OPS = {"predict": _predict, "tap_codes": _tap_codes, "bench": _bench, "latency": _latency, "amx_probe": _amx_probe}
 
 
 def main(folder: Path) -> None:
     job = json.loads((folder / "job.json").read_text())
+    if job.get("refuse_amx"):  # before any runtime starts: XNNPACK asks for AMX once, at start-up
+        _refuse_amx()
     with np.load(folder / "in.npz", allow_pickle=False) as arrays:
         x = arrays["x"]
     meta, out = OPS[job["op"]](job, x)

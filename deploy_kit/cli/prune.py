@@ -21,6 +21,10 @@ from deploy_kit.device import DEVICES
                    "noise; the measured checks use the budget itself. MACs budgets are exact and take no margin.")
 @click.option("--runtime", default="litert", show_default=True,
               help="Where latency is measured: litert (TFLite INT8, XNNPACK) or onnxruntime.")
+@click.option("--amx/--no-amx", default=False, show_default=True,
+              help="Let the runtime use Intel AMX while timing. Off by default: no phone has AMX, and on x86 "
+                   "servers that do, its INT8 kernels cost a fixed ~6 µs per layer that hides what channels cost "
+                   "(Linux x86-64; elsewhere there is nothing to refuse).")
 @click.option("--method", default="ppo", show_default=True,
               help="ppo (the agent) or l1-uniform (the baseline: one keep ratio for every layer).")
 @click.option("--episodes", default=64, show_default=True, help="Configurations the agent evaluates.")
@@ -57,7 +61,7 @@ from deploy_kit.device import DEVICES
 @click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
 @json_option
 @handle_errors
-def command(teacher, budget, latency_margin, runtime, method, episodes, alpha, beta, gamma, finalists, finalist_images, finalist_epochs,
+def command(teacher, budget, latency_margin, runtime, amx, method, episodes, alpha, beta, gamma, finalists, finalist_images, finalist_epochs,
             kd_epochs, qat_epochs, kd_lr, kd_temperature, kd_alpha, kd_at_weight, qat_kd, device, threads, seed, out, force, as_json):
     """Remove channels under a latency or MACs budget, then distil and QAT the pruned model.
 
@@ -78,7 +82,7 @@ def command(teacher, budget, latency_margin, runtime, method, episodes, alpha, b
     from deploy_kit.prune.distil import DistilConfig
     from deploy_kit.prune.finalists import FinalistConfig
 
-    cfg = PruneConfig(teacher=teacher, budget=budget, latency_margin=latency_margin, runtime=runtime, method=method, episodes=episodes, alpha=alpha,
+    cfg = PruneConfig(teacher=teacher, budget=budget, latency_margin=latency_margin, runtime=runtime, amx=amx, method=method, episodes=episodes, alpha=alpha,
                       beta=beta, gamma=gamma, seed=seed, device=device, threads=threads,
                       finalists=FinalistConfig(count=finalists, images=finalist_images, epochs=finalist_epochs),
                       distil=DistilConfig(epochs=kd_epochs, qat_epochs=qat_epochs, lr=kd_lr, temperature=kd_temperature,
@@ -88,7 +92,7 @@ def command(teacher, budget, latency_margin, runtime, method, episodes, alpha, b
     lat = p["latency_ms"]
     full = p["channels_full"]
     say("channels: " + ", ".join(f"{n} {full[n]}→{c}" for n, c in outcome.meta["channels"].items() if n in full))
-    say(f"MACs {p['macs']['ratio']:.3f}× · {runtime} latency measured {lat['measured']['pruned']:.4f} ms vs "
+    say(f"MACs {p['macs']['ratio']:.3f}× · {runtime} latency (AMX {lat['amx']}) measured {lat['measured']['pruned']:.4f} ms vs "
         f"{lat['measured']['unpruned']:.4f} ms ({lat['measured_ratio']:.3f}×; table predicted {lat['predicted_ratio']:.3f}×: "
         f"error {lat['table_error_pct']['ratio']:+.1f}% on the ratio, {lat['table_error_pct']['pruned']:+.1f}% on the ms)")
     say(f"INT8 accuracy: val {acc['val']:.2f}%  test {acc['test']:.2f}%  (unpruned test {p['source']['accuracy_int8']['test']:.2f}%)")

@@ -33,6 +33,7 @@ from deploy_kit.prune import agent as ag
 from deploy_kit.prune.distil import DistilConfig, distil_and_qat
 from deploy_kit.prune.finalists import (FinalistConfig, rank_finalists, shortlist, time_finalists,
                                         within_measured_budget)
+from deploy_kit.amx import mode as amx_mode
 from deploy_kit.prune.latency import RUNTIMES, TableSpec, latency_table, time_against
 from deploy_kit.prune.reward import Scorer
 from deploy_kit.prune.surgery import (channel_counts, float_from_teacher, full_channels, layer_infos, macs,
@@ -71,6 +72,9 @@ class PruneConfig:
     # measures over the budget half the time. The measured gate and the final check use the budget.
     latency_margin: float = 0.05
     runtime: str = "litert"
+    # Time with Intel AMX allowed. Off by default: no phone has AMX, and on x86 hosts that do,
+    # XNNPACK's AMX INT8 kernels cost ~6 µs per layer whatever the channels (deploy_kit/amx.py).
+    amx: bool = False
     method: str = "ppo"
     episodes: int = 64
     # R = α·ΔP − β·ΔC − γ·ΔH (ΔP: val accuracy change as a fraction, ΔC/ΔH: relative MACs/latency
@@ -179,7 +183,8 @@ def search_setup(cfg: PruneConfig, teacher: Teacher, say: Callable[[str], None] 
     image = normalize(ds.split("val").images[:1], ds.norm)
     if cfg.metric == "macs":  # fails before the (slower) latency table is measured
         _check_reachable(_space(infos, lambda ch: float(macs(infos, ch)), cfg), cfg, meta["model"])
-    spec = TableSpec(meta["model"], meta["width"], in_shape, cfg.runtime, full_channels(infos), cfg.table_random, seed=cfg.seed)
+    spec = TableSpec(meta["model"], meta["width"], in_shape, cfg.runtime, full_channels(infos), cfg.table_random, seed=cfg.seed,
+                     amx=cfg.amx)
     table = latency_table(spec, model, infos, x_bn, image, say)
     space = _space(infos, table.predict if cfg.metric == "latency" else (lambda ch: float(macs(infos, ch))), cfg)
     _check_reachable(space, cfg, meta["model"], fixed=table.t0 / table.predict(space.full) if cfg.metric == "latency" else None)
@@ -220,7 +225,7 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     seconds["distil_qat"] = round(time.perf_counter() - clock, 1)
 
     clock = time.perf_counter()
-    timing = _measure_pair(teacher.model, student, in_shape, cfg.runtime, st.x_bn, st.image, cfg.seed)
+    timing = _measure_pair(teacher.model, student, in_shape, cfg.runtime, st.x_bn, st.image, cfg.seed, cfg.amx)
     seconds["measure"] = round(time.perf_counter() - clock, 1)
     channels = channel_counts(student)
     pruning = _pruning_record(cfg, distil, st, teacher, scorer, finalists, dropped, channels, timing, seconds)
@@ -243,7 +248,7 @@ def _finalists(cfg: PruneConfig, st: SearchSetup, teacher: Teacher, scorer: Scor
     ranked on val after a short distillation; the first is the one to distil in full."""
     finalists, dropped = shortlist(scorer.records, max(1, cfg.finalists.count)), []
     if cfg.metric == "latency":
-        timed = time_finalists(finalists, st.model, teacher.model, st.x_bn, st.image, cfg.runtime, cfg.seed)
+        timed = time_finalists(finalists, st.model, teacher.model, st.x_bn, st.image, cfg.runtime, cfg.seed, cfg.amx)
         finalists, dropped = within_measured_budget(timed, cfg.ratio)
         if dropped:
             say(f"{len(dropped)} of {len(timed)} finalists measured over the budget ({cfg.ratio}×): "
@@ -274,6 +279,8 @@ def _check_reachable(space: ag.ChannelSpace, cfg: PruneConfig, arch: str, fixed:
         if fixed is not None:
             fix += (f". On this machine {fixed:.0%} of its {cfg.runtime} INT8 time is a fixed cost that no channel count "
                     "removes: prune for --budget macs=F instead, or measure latency on the target device")
+            if amx_mode(cfg.amx) == "used":
+                fix += " (timed with --amx: this host's AMX INT8 kernels carry such a cost, and phones have none; drop --amx)"
         raise ConfigError(f"--budget {cfg.budget}: {arch} cannot get below {smallest:.3f} of its {cfg.metric} "
                           f"(every layer at its floor of one channel step); {fix}")
 
@@ -293,9 +300,9 @@ def _with_progress(scorer: Scorer, total: int):
     return score
 
 
-def _measure_pair(unpruned, pruned, in_shape, runtime: str, x_bn, image, seed: int) -> dict:
+def _measure_pair(unpruned, pruned, in_shape, runtime: str, x_bn, image, seed: int, amx: bool) -> dict:
     """Both INT8 teachers exported for `runtime` and timed interleaved (ms)."""
-    base, (ms,) = time_against(unpruned, [pruned], in_shape, runtime, x_bn, image, seed)
+    base, (ms,) = time_against(unpruned, [pruned], in_shape, runtime, x_bn, image, seed, amx)
     return {"unpruned": base, "pruned": ms}
 
 
@@ -321,7 +328,7 @@ def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, finalists, dr
         "channels_full": full, "ppo": cfg.ppo.to_dict(), "distil": distil.to_dict(),
         "latency_ms": {"measured": timing, "predicted": predicted, "table_error_pct": err,
                        "measured_ratio": round(ratio["measured"], 4), "predicted_ratio": round(ratio["predicted"], 4),
-                       "threads": 1, "batch": 1},
+                       "threads": 1, "batch": 1, "amx": amx_mode(cfg.amx)},
         "latency_table": {"cache": spec.cache_path().name, "method": table.record.get("method"),
                           "holdout_error_pct": table.record.get("holdout_error_pct"),
                           "other_load": table.record.get("other_load"),  # other work while it was timed

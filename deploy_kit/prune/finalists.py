@@ -88,13 +88,13 @@ def rank_finalists(finalists: list[dict], model, teacher, x_bn: torch.Tensor, ds
 
 
 def time_finalists(finalists: list[dict], model, unpruned, x_bn: torch.Tensor, image: np.ndarray, runtime: str,
-                   seed: int) -> list[dict]:
+                   seed: int, amx: bool = False) -> list[dict]:
     """Each finalist's record plus `measured_ratio`: the INT8 export of its L1-pruned float model
     (activation ranges from `x_bn`, as the latency table's) timed against the unpruned INT8
     teacher `unpruned`, all interleaved in one session (1 thread, batch 1)."""
     in_shape = tuple(x_bn.shape[1:])
     qat = [int8_qat_form(pruned_copy(model, rec["channels"], in_shape), x_bn) for rec in finalists]
-    base, ms = time_against(unpruned, qat, in_shape, runtime, x_bn, image, seed)
+    base, ms = time_against(unpruned, qat, in_shape, runtime, x_bn, image, seed, amx)
     return [{**rec, "measured_ms": t, "unpruned_ms": base, "measured_ratio": round(t / base, 4)}
             for rec, t in zip(finalists, ms)]
 

@@ -31,17 +31,16 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from deploy_kit import __version__, quant
+from deploy_kit.amx import mode as amx_mode
 from deploy_kit.data import _cache_dir
 from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import write_json
@@ -50,7 +49,7 @@ from deploy_kit.native_log import native_stderr_silenced
 from deploy_kit.prune.surgery import LayerInfo, full_channels, pruned_copy, resolve_channels
 
 RUNTIMES = ("litert", "onnxruntime")
-CACHE_FORMAT = "deploykit-latency/2"  # /2: the runtime call alone is timed
+CACHE_FORMAT = "deploykit-latency/3"  # /2: the runtime call alone is timed; /3: in a fresh process, AMX refused
 
 
 def library_versions() -> dict[str, str]:
@@ -171,49 +170,29 @@ def export_for_runtime(qat_model: ZooModel, in_shape: tuple[int, int, int], runt
     return tfl
 
 
-def _timed_call(path: Path, runtime: str, image: np.ndarray) -> Callable[[], object]:
-    """The runtime's own call on a fixed input — `invoke()`, `session.run` — without the Python
-    quantize/transpose around it, which cost ~40 µs here and would read as a fixed model cost."""
-    from deploy_kit.runners import LiteRTRunner, OrtRunner
-
-    if runtime == "litert":
-        runner = LiteRTRunner(path, threads=1)
-        runner.predict(image)  # allocates and sets the input tensor, which stays set
-        return runner.interpreter.invoke
-    runner = OrtRunner(path, threads=1)
-    feed = {runner.input_name: np.ascontiguousarray(image, np.float32)}
-    return lambda: runner.session.run(None, feed)
-
-
 def measure(paths: list[Path], runtime: str, image: np.ndarray, rounds: int = 15, repeats: int = 50,
-            seed: int = 0) -> list[float]:
-    """Median ms per file at batch 1, 1 thread: `rounds` interleaved rounds (a shuffled order each
-    round) of `repeats` timed runs after a warm-up; the median of the round medians."""
-    calls = [_timed_call(p, runtime, image) for p in paths]
-    for call in calls:
-        for _ in range(5):
-            call()
-    per_round = [[] for _ in paths]
-    rng = np.random.default_rng(seed)
-    for _ in tqdm(range(rounds), desc="latency", unit="round", leave=False, dynamic_ncols=True):
-        for i in rng.permutation(len(paths)):
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                calls[i]()
-                times.append(time.perf_counter() - t)
-            per_round[i].append(float(np.median(times)))
-    return [round(1e3 * float(np.median(r)), 5) for r in per_round]
+            seed: int = 0, amx: bool = False) -> list[float]:
+    """Median ms per file at batch 1, 1 thread (deploy_kit/timing.py), timed in a fresh process
+    with Intel AMX refused unless `amx` (deploy_kit/amx.py: no phone has it, and on hosts that do,
+    its INT8 kernels' fixed per-layer cost hides what channels cost)."""
+    from deploy_kit import worker
+
+    job = {"op": "latency", "paths": [str(p) for p in paths], "runtime": runtime, "rounds": rounds,
+           "repeats": repeats, "seed": seed, "refuse_amx": not amx}
+    with tqdm(total=1, desc=f"latency: timing {len(paths)} models", unit="session", leave=False, dynamic_ncols=True):
+        meta, _ = worker.call(job, {"x": np.ascontiguousarray(image, np.float32)},
+                              failure=f"timing {len(paths)} {runtime} models failed")
+    return meta["ms"]
 
 
 def time_against(unpruned: ZooModel, models: list[ZooModel], in_shape: tuple[int, int, int], runtime: str,
-                 x_calib: torch.Tensor, image: np.ndarray, seed: int) -> tuple[float, list[float]]:
+                 x_calib: torch.Tensor, image: np.ndarray, seed: int, amx: bool = False) -> tuple[float, list[float]]:
     """(unpruned ms, ms of each model): frozen QAT models exported for `runtime` and timed
     interleaved with the unpruned one in one session (1 thread, batch 1, 21 rounds)."""
     with tempfile.TemporaryDirectory(prefix="deploykit-timing-") as tmp:
         paths = [export_for_runtime(m, in_shape, runtime, Path(tmp), f"m{i}", x_calib[:8].numpy())
                  for i, m in enumerate([unpruned, *models])]
-        ms = measure(paths, runtime, image, rounds=21, seed=seed)
+        ms = measure(paths, runtime, image, rounds=21, seed=seed, amx=amx)
     return ms[0], ms[1:]
 
 
@@ -229,6 +208,7 @@ class TableSpec:
     n_random: int = 12
     n_holdout: int = 3
     seed: int = 0
+    amx: bool = False  # time with Intel AMX allowed (deploy_kit/amx.py; no phone has it)
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -236,7 +216,7 @@ class TableSpec:
 
     def cache_path(self) -> Path:
         key = json.dumps([self.arch, self.width, list(self.in_shape), self.runtime, sorted(self.base.items()),
-                          self.n_random, self.n_holdout, self.seed])
+                          self.n_random, self.n_holdout, self.seed, amx_mode(self.amx)])
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         shape = "x".join(map(str, self.in_shape))
         return _cache_dir() / "latency" / f"{self.arch}-w{self.width}-{shape}-{self.runtime}-{digest}.json"
@@ -272,7 +252,7 @@ def build_table(spec: TableSpec, float_model: ZooModel, infos: dict, x_calib: to
         for i, ch in enumerate(tqdm(configs, desc="latency table: export", unit="model", leave=False, dynamic_ncols=True)):
             qat = int8_qat_form(pruned_copy(float_model, ch, spec.in_shape), x_calib)
             paths.append(export_for_runtime(qat, spec.in_shape, spec.runtime, Path(tmp), f"m{i}", x_calib[:8].numpy()))
-        ms = measure(paths, spec.runtime, image, seed=spec.seed)
+        ms = measure(paths, spec.runtime, image, seed=spec.seed, amx=spec.amx)
     samples = list(zip(configs, ms))
     t0, k, m = fit(infos, samples[:len(fitset)])
     table = LatencyTable(infos, t0, k, m)
@@ -283,6 +263,7 @@ def build_table(spec: TableSpec, float_model: ZooModel, infos: dict, x_calib: to
               "holdout_error_pct": [round(e, 2) for e in errors],
               "holdout_mean_abs_error_pct": round(float(np.mean(np.abs(errors))), 2) if errors else None,
               "method": "whole-model INT8 exports, interleaved medians, NNLS per-layer-group fit", "threads": 1,
+              "amx": amx_mode(spec.amx),
               "other_load": load}
     write_json(spec.cache_path(), record)
     return LatencyTable(infos, t0, k, m, record)
