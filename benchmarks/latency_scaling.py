@@ -5,7 +5,9 @@ and, for comparison, as float ONNX in ONNX Runtime (1 thread, batch 1, interleav
     python benchmarks/latency_scaling.py --teacher runs/vgg40 [--rounds 15]
 
 Where INT8 time stays flat while float time falls, a latency budget cannot be met by pruning on
-this machine (`deploykit prune` then refuses it and names the fixed share).
+this machine (`deploykit prune` then refuses it and names the fixed share). On hosts with Intel AMX
+every INT8 row is timed twice: with AMX refused (what `deploykit prune` times by default, as on a
+phone) and with it allowed (`--amx`), the cause of the flat INT8 time on such hosts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from deploy_kit import amx
 from deploy_kit.data import load_dataset, normalize
 from deploy_kit.prune import latency as lt
 from deploy_kit.prune import surgery as sg
@@ -61,8 +64,11 @@ def main() -> None:
                                                                    x[:8].numpy()))
             onnx.save(torch_to_onnx(pruned.eval(), in_shape), folder / f"f{r}.onnx")
             paths["onnxruntime float"].append(folder / f"f{r}.onnx")
+        modes = (False, True) if amx.host_has_amx() else (False,)
         for name, files in paths.items():
-            ms[name] = lt.measure(files, name.split()[0], image, rounds=args.rounds)
+            for allow in modes if "int8" in name else (False,):
+                label = f"{name} (AMX {amx.mode(allow)})" if "int8" in name else name
+                ms[label] = lt.measure(files, name.split()[0], image, rounds=args.rounds, amx=allow)
     print(f"{teacher.meta['model']} width {teacher.meta['width']} on {cpu()}; ms at batch 1, 1 thread "
           f"(× the unpruned time)")
     print("| runtime | " + " | ".join(f"keep {r}" for r in RATIOS) + " |")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deploy_kit.amx import mode as amx_mode
 from deploy_kit.data import load_dataset, normalize
 from deploy_kit.finetune import mcnemar_worse
 from deploy_kit.prune import latency as lt
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=31)
     ap.add_argument("--repeats", type=int, default=50, help="timed runs per model per round (more: a longer, steadier window)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--amx", action="store_true", help="time with Intel AMX allowed (as `deploykit prune --amx`)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     runs = {"unpruned": args.unpruned, **{r.split("=", 1)[0]: Path(r.split("=", 1)[1]) for r in args.run}}
@@ -47,13 +49,15 @@ def main() -> None:
     image = normalize(ds.split("val").images[:1], ds.norm)
     infos = sg.layer_infos(sg.float_from_teacher(base, x), in_shape)
     full = sg.full_channels(infos)
-    table, why = lt.load_cached(lt.TableSpec(base.meta["model"], base.meta["width"], in_shape, args.runtime, full, seed=args.seed), infos)
+    table, why = lt.load_cached(lt.TableSpec(base.meta["model"], base.meta["width"], in_shape, args.runtime, full, seed=args.seed,
+                                                amx=args.amx), infos)
     if table is None:
         raise SystemExit(f"no latency table for the unpruned model ({why}); run `deploykit prune` on it first")
     with tempfile.TemporaryDirectory() as tmp:
         paths = [lt.export_for_runtime(t.model, in_shape, args.runtime, Path(tmp), name, x[:8].numpy())
                  for name, t in teachers.items()]
-        ms = dict(zip(teachers, lt.measure(paths, args.runtime, image, rounds=args.rounds, repeats=args.repeats, seed=args.seed)))
+        ms = dict(zip(teachers, lt.measure(paths, args.runtime, image, rounds=args.rounds, repeats=args.repeats, seed=args.seed,
+                                                      amx=args.amx)))
     test = ds.split("test")
     right = {name: predict(t.model, test, ds).argmax(1) == test.labels for name, t in teachers.items()}
     rows = []
@@ -70,6 +74,7 @@ def main() -> None:
                      "predicted_ms": round(pred, 5), "table_error_pct": round(100 * (pred - ms[name]) / ms[name], 1),
                      "channels": list(counts.values())})
     print(json.dumps(rows, indent=1))
+    print(f"\nAMX: {amx_mode(args.amx)} while timing")
     print("\n| run | INT8 val % | INT8 test % | test drop (McNemar p) | MACs × | measured ms | measured × | table ms | table error |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

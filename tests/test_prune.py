@@ -4,6 +4,7 @@ teacher going through search → export → verify unchanged (real torch-pruning
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from deploy_kit import amx
 from deploy_kit.cli import main
 from deploy_kit.data import load_dataset, normalize
 from deploy_kit.errors import ConfigError
@@ -192,6 +194,53 @@ def test_busy_machine_is_said_before_the_table_is_timed(float_lenet, tmp_path, m
     assert lt.latency_table(spec, model, infos, x, x[:1].numpy(), say=said.append) == "table" and built
     assert any("quiet machine" in line and str(spec.cache_path()) in line for line in said) == warned
     assert lt.other_load() == max(0.0, round(load - 1, 2))
+
+
+# ----------------------------------------------------------------------------- timing without AMX
+
+@pytest.mark.skipif(not amx.applicable(), reason="AMX permission exists on Linux x86-64 only")
+def test_the_timing_process_refuses_amx_and_nothing_else():
+    """The seccomp filter answers the AMX tile request (what XNNPACK sends at start-up) with EPERM,
+    in the worker process only; without it the request is granted, or refused for a reason other
+    than EPERM where the CPU has no AMX."""
+    from deploy_kit import worker
+
+    x = {"x": np.zeros(1, np.float32)}
+    refused, _ = worker.call({"op": "amx_probe", "refuse_amx": True}, x, failure="probe")
+    allowed, _ = worker.call({"op": "amx_probe", "refuse_amx": False}, x, failure="probe")
+    assert refused["errno"] == errno.EPERM and allowed["errno"] != errno.EPERM
+    assert allowed["errno"] == 0 or not amx.host_has_amx()
+    assert amx.probe() != errno.EPERM  # this (test) process keeps its permission: the filter went to the child only
+
+
+def test_amx_mode_is_recorded_and_keys_the_latency_cache(float_lenet, monkeypatch):
+    model, _ = float_lenet
+    full = sg.full_channels(sg.layer_infos(model, SHAPE))
+    monkeypatch.setattr(amx, "host_has_amx", lambda: True)
+    assert (amx.mode(False), amx.mode(True)) == ("refused", "used")
+    spec = lt.TableSpec("lenet5", 1.0, SHAPE, "litert", full)
+    assert spec.amx is False and PruneConfig(teacher=Path("x")).amx is False  # refused unless asked
+    assert spec.cache_path() != dataclasses.replace(spec, amx=True).cache_path()  # a table timed with AMX is not reused
+    monkeypatch.setattr(amx, "host_has_amx", lambda: False)
+    assert amx.mode(False) == amx.mode(True) == "absent"
+    assert spec.cache_path() == dataclasses.replace(spec, amx=True).cache_path()  # nothing to refuse: the same timing
+
+
+def test_a_fixed_cost_timed_with_amx_names_it(float_lenet, monkeypatch):
+    from deploy_kit.prune import _check_reachable, _space
+
+    model, _ = float_lenet
+    infos = sg.layer_infos(model, SHAPE)
+    cost = lambda ch: float(sg.macs(infos, ch))  # noqa: E731
+    smallest = _space(infos, cost, PruneConfig(teacher=Path("x"))).reachable() / cost(sg.full_channels(infos))
+    cfg = PruneConfig(teacher=Path("x"), budget=f"latency={smallest / 2:.3f}", amx=True)
+    monkeypatch.setattr(amx, "host_has_amx", lambda: True)
+    with pytest.raises(ConfigError, match=r"timed with --amx: .* drop --amx"):
+        _check_reachable(_space(infos, cost, cfg), cfg, "lenet5", fixed=0.8)
+    default = dataclasses.replace(cfg, amx=False)
+    with pytest.raises(ConfigError) as refused:
+        _check_reachable(_space(infos, cost, default), default, "lenet5", fixed=0.8)
+    assert "fixed cost" in str(refused.value) and "--amx" not in str(refused.value)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -422,6 +471,7 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     assert p["macs"]["ratio"] <= 0.5 and summary["channels"] == meta["channels"]
     assert sum(meta["channels"].values()) < sum(p["channels_full"].values()) + 10
     assert p["latency_ms"]["measured"]["pruned"] > 0 and p["latency_table"]["holdout_error_pct"]
+    assert p["latency_ms"]["amx"] == amx.mode(False) in ("refused", "absent")  # timed as a phone would run it
     assert isinstance(p["latency_table"]["other_load"], float)  # recorded from the table that priced the search
     assert p["seed"] == 0 and p["budget"] == {"metric": "macs", "ratio": 0.5, "text": "macs=0.5", "search_ratio": 0.5}
     assert p["distil"]["lr"] == meta["config"]["lr"] == 1e-3  # the Adam teacher's default distillation rate
