@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from deploy_kit import runners as rn
+from deploy_kit.amx import mode as amx_mode
 from deploy_kit.data import load_dataset, normalize
 from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import atomic_path, write_json
@@ -54,6 +55,7 @@ class BenchConfig:
     seed: int = 0  # which test images feed the timed runs
     float_baseline: bool = True  # also time the unquantized model in onnxruntime
     rounds: int = 1  # >1: every artifact once per round, interleaved; the median round is reported
+    amx: bool = False  # let the runtimes use Intel AMX (no phone has it: deploy_kit/amx.py)
 
     def __post_init__(self):
         if self.warmup < 0 or self.repeats < 1 or self.repeats32 < 1:
@@ -163,7 +165,7 @@ def bench_artifact(art: mf.Artifact, runtime: str, exports: Path, cfg: BenchConf
     from deploy_kit import worker
 
     job = {"op": "bench", "entry": art.entry, "exports": str(exports), "runtime": runtime,
-           "config": {k: v for k, v in asdict(cfg).items() if k != "exports"}}
+           "config": {k: v for k, v in asdict(cfg).items() if k != "exports"}, "refuse_amx": not cfg.amx}
     m, _ = worker.call(job, {"x": x32}, failure=f"{art.relpath} could not be run in {runtime}")
     name = "float.onnx (not exported)" if art.variant == FLOAT_VARIANT else art.relpath
     return BenchRow(m["runtime"], art.target, art.variant, name, art.path.stat().st_size,
@@ -225,7 +227,7 @@ def markdown(report: dict) -> str:
     lines = [f"# bench: {report['model']} ({report['data']})", "",
              f"{s['threads']} thread(s); latency at batch 1 after {s['warmup']} warm-up runs, {s['repeats']} timed; "
              f"throughput at batch {THROUGHPUT_BATCH} over {s['repeats32']} runs; median of {s['rounds']} interleaved "
-             "round(s), each artifact in a fresh process. Peak memory: growth of peak RSS while loading and running "
+             f"round(s), each artifact in a fresh process; Intel AMX {s.get('amx_mode', '?')}. Peak memory: growth of peak RSS while loading and running "
              "that artifact. `float`: the unquantized teacher, timed for reference (not an export). "
              "Machine: " + report["machine"], "",
              "| runtime | variant | artifact | size (B) | p50 ms | p90 ms | img/s @32 | peak RSS MiB |",
@@ -280,7 +282,8 @@ def bench_exports(cfg: BenchConfig, progress: bool = True) -> dict:
         bar.close()
         rows = [median_row(r) for r in runs]
     report = {"schema": SCHEMA, "model": manifest.get("model"), "data": manifest.get("data"),
-              "settings": {**asdict(cfg), "exports": str(exports), "throughput_batch": THROUGHPUT_BATCH},
+              "settings": {**asdict(cfg), "exports": str(exports), "throughput_batch": THROUGHPUT_BATCH,
+                           "amx_mode": amx_mode(cfg.amx)},
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
                          f"{platform.python_version()}",
               "rows": [asdict(r) for r in rows], "lut_over_relu": lut_ratios(rows), "vs_float": vs_float(rows)}

@@ -8,6 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from deploy_kit import amx
 from deploy_kit.bench import BenchRow, lut_ratios
 from deploy_kit.cli import main
 from exporters.registry import BENCH, runtimes_loading
@@ -40,6 +41,9 @@ def test_bench_measures_every_artifact_for_both_variants(exports):
     assert all(r["peak_rss_mb"] is None or r["peak_rss_mb"] >= 0 for r in saved["rows"])
     table = (exports / "bench.md").read_text()
     assert "| onnxruntime (ort) | lut | model.ort |" in table and "LUT / ReLU" in table
+    # timed as a phone runs INT8 kernels: Intel AMX refused unless --amx (nothing to refuse without it)
+    assert saved["settings"]["amx"] is False and saved["settings"]["amx_mode"] == amx.mode(False) != "used"
+    assert f"Intel AMX {amx.mode(False)}" in table
 
 
 def test_lut_ratio_pairs_each_target_with_its_relu_twin():

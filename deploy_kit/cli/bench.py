@@ -18,12 +18,16 @@ from deploy_kit.cli import SEED, emit, handle_errors, json_option, say, say_skip
 @click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 1000),
               help="Measure every artifact this many times, interleaved, and report the median (noisy machines).")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 1024), help="Threads per runtime.")
+@click.option("--amx/--no-amx", default=False, show_default=True,
+              help="Let the runtimes use Intel AMX. Off by default, as `prune` times: no phone has AMX, and on x86 "
+                   "servers that do, its INT8 kernels cost a fixed ~6 µs per layer (pass --amx to time an x86 server "
+                   "deployment as it will run).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Chooses the test images fed to the timed runs.")
 @click.option("--float-baseline/--no-float-baseline", default=True, show_default=True,
               help="Also time the unquantized model in onnxruntime (variant `float`, not an export).")
 @json_option
 @handle_errors
-def command(exports, warmup, repeats, repeats32, rounds, threads, seed, float_baseline, as_json):
+def command(exports, warmup, repeats, repeats32, rounds, threads, amx, seed, float_baseline, as_json):
     """Batch-1 latency p50/p90 after warm-up, throughput at batch 32, peak memory and size, per
     runtime, for the LUT model and the plain-ReLU model; writes bench.json and bench.md next
     to manifest.json. Re-running replaces bench.json and bench.md (no --force needed); the
@@ -36,7 +40,7 @@ def command(exports, warmup, repeats, repeats32, rounds, threads, seed, float_ba
     from deploy_kit.bench import BENCH_MD, BenchConfig, bench_exports
 
     cfg = BenchConfig(exports=exports, warmup=warmup, repeats=repeats, repeats32=repeats32, rounds=rounds,
-                      threads=threads, seed=seed, float_baseline=float_baseline)
+                      threads=threads, amx=amx, seed=seed, float_baseline=float_baseline)
     report = bench_exports(cfg)
     say((Path(exports) / BENCH_MD).read_text().rstrip())
     say_skipped_runtimes()
