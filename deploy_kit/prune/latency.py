@@ -7,7 +7,8 @@ How it is built (chosen for being cheap *and* checked, see benchmarks/prune.md):
      the project's own exporters (model.onnx → TFLite INT8), so what is timed is the same graph
      form `deploykit export` writes;
   3. all files are timed interleaved (1 thread, batch 1, the median of per-round medians) —
-     the machine is shared, and interleaving spreads its load over every model alike;
+     the machine is shared, and interleaving spreads its load over every model alike — in a
+     fresh process with Intel AMX refused unless asked (deploy_kit/amx.py: no phone has it);
   4. a per-layer cost model is fitted by non-negative least squares:
          T = t0 + Σ_layers k_g(l) · MACs_l(c_in, c_out) + m · Σ_layers c_out·H·W
      with one k per layer group (kind, kernel, stride, output size: layers that run the same
@@ -19,8 +20,8 @@ How it is built (chosen for being cheap *and* checked, see benchmarks/prune.md):
 A NetAdapt-style table of isolated single layers was the alternative; it ignores what surrounds
 a layer (the issue cites −10.5 % predicted vs −31 % measured), and whole models are what runs.
 
-Cached under $DEPLOYKIT_CACHE/latency/, keyed by model, width, input shape, runtime and the
-base channel counts; the file records the library versions and is rebuilt (and the caller told)
+Cached under $DEPLOYKIT_CACHE/latency/, keyed by model, width, input shape, runtime, the base
+channel counts and whether AMX was used; the file records the library versions and is rebuilt (and the caller told)
 when they differ.
 """
 
