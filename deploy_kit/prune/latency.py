@@ -21,8 +21,8 @@ A NetAdapt-style table of isolated single layers was the alternative; it ignores
 a layer (the issue cites −10.5 % predicted vs −31 % measured), and whole models are what runs.
 
 Cached under $DEPLOYKIT_CACHE/latency/, keyed by model, width, input shape, runtime, the base
-channel counts and whether AMX was used; the file records the library versions and is rebuilt (and the caller told)
-when they differ.
+channel counts and whether AMX was used; the file records the library versions and is rebuilt
+(and the caller told) when they differ.
 """
 
 from __future__ import annotations
