@@ -423,7 +423,8 @@ def bench_html(files: RunFiles) -> str:
     if not rows:
         return "\n".join(out + [_note("bench.json holds no rows.")])
     s = b.get("settings", {})
-    out.append(f"<p>{_e(s.get('threads', '?'))} thread(s), batch 1 latency over {_e(s.get('repeats', '?'))} runs; "
+    amx = f"Intel AMX {_e(s['amx_mode'])}; " if "amx_mode" in s else ""
+    out.append(f"<p>{_e(s.get('threads', '?'))} thread(s), batch 1 latency over {_e(s.get('repeats', '?'))} runs; {amx}"
                f"red: LUT model, grey: the INT8 ReLU teacher, blue: the float model (bench only). "
                f"Machine: {_e(b.get('machine', '?'))}</p>")
     out.append(f'<figure class="bench">{_img(bench_figure(rows), "size and latency")}</figure>')
@@ -448,7 +449,7 @@ def pruning_html(files: RunFiles) -> str:
     facts = [f"budget {_e(p['budget']['text'])}{margin} in {_e(p['runtime'])}, method {_e(p['method'])}, "
              f"{_e(p['episodes'])} episodes, seed {_e(p['seed'])}; MACs ×{_e(p['macs']['ratio'])}",
              f"measured latency {_e(lat['measured']['pruned'])} ms vs {_e(lat['measured']['unpruned'])} ms unpruned "
-             f"(×{_e(lat['measured_ratio'])}); the table predicted ×{_e(lat['predicted_ratio'])}, error "
+             f"(×{_e(lat['measured_ratio'])}{'; Intel AMX ' + _e(lat['amx']) if 'amx' in lat else ''}); the table predicted ×{_e(lat['predicted_ratio'])}, error "
              f"{_e(lat['table_error_pct'].get('pruned'))}% on the pruned model, held-out configurations "
              f"{_e(table.get('holdout_error_pct'))}%",
              f"INT8 test accuracy {_e(files.teacher.meta['accuracy']['int8']['test'])}% vs "

@@ -491,7 +491,7 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     from deploy_kit.report import REPORT_NAME, write_report
     write_report(out)  # its pruning section: channels kept per layer, the table, the finalists
     page = (out / REPORT_NAME).read_text()
-    assert "<h2>Pruning</h2>" in page and f"{len(ranked)} finalists" in page
+    assert "<h2>Pruning</h2>" in page and f"{len(ranked)} finalists" in page and f"Intel AMX {amx.mode(False)}" in page
     assert f"{ranked[0]['short_val_acc']} (#{ranked[0]['search_rank']})" in page
 
     teacher = load_teacher(out)  # builds the model from the recorded counts
