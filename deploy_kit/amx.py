@@ -1,7 +1,7 @@
 """Timing INT8 kernels as a phone runs them, on an x86 server with Intel AMX.
 
 On hosts with AMX-INT8 (Xeon Sapphire Rapids and later) XNNPACK sends INT8 convolutions to AMX tile
-kernels. At batch 1 on small CNNs they cost a fixed ~6 µs per layer whatever the channel count, so
+kernels. At batch 1 on small CNNs they cost a fixed ~5 µs per layer whatever the channel count, so
 pruning hardly moves the time: CIFAR-10 VGG16-0.25 in LiteRT INT8, 1 thread, read 0.123 / 0.107 /
 0.105 ms at keep 1 / 0.5 / 0.25 with AMX and 0.102 / 0.040 / 0.027 ms without it on the same host
 (benchmarks/prune.md, session 15). No phone has AMX: a latency table timed with it prices channels

@@ -20,7 +20,7 @@ from deploy_kit.cli import SEED, emit, handle_errors, json_option, say, say_skip
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 1024), help="Threads per runtime.")
 @click.option("--amx/--no-amx", default=False, show_default=True,
               help="Let the runtimes use Intel AMX. Off by default, as `prune` times: no phone has AMX, and on x86 "
-                   "servers that do, its INT8 kernels cost a fixed ~6 µs per layer (pass --amx to time an x86 server "
+                   "servers that do, its INT8 kernels cost a fixed ~5 µs per layer (pass --amx to time an x86 server "
                    "deployment as it will run).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Chooses the test images fed to the timed runs.")
 @click.option("--float-baseline/--no-float-baseline", default=True, show_default=True,

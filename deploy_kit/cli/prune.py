@@ -23,7 +23,7 @@ from deploy_kit.device import DEVICES
               help="Where latency is measured: litert (TFLite INT8, XNNPACK) or onnxruntime.")
 @click.option("--amx/--no-amx", default=False, show_default=True,
               help="Let the runtime use Intel AMX while timing. Off by default: no phone has AMX, and on x86 "
-                   "servers that do, its INT8 kernels cost a fixed ~6 µs per layer that hides what channels cost "
+                   "servers that do, its INT8 kernels cost a fixed ~5 µs per layer that hides what channels cost "
                    "(Linux x86-64; elsewhere there is nothing to refuse).")
 @click.option("--method", default="ppo", show_default=True,
               help="ppo (the agent) or l1-uniform (the baseline: one keep ratio for every layer).")

@@ -73,7 +73,7 @@ class PruneConfig:
     latency_margin: float = 0.05
     runtime: str = "litert"
     # Time with Intel AMX allowed. Off by default: no phone has AMX, and on x86 hosts that do,
-    # XNNPACK's AMX INT8 kernels cost ~6 µs per layer whatever the channels (deploy_kit/amx.py).
+    # XNNPACK's AMX INT8 kernels cost ~5 µs per layer whatever the channels (deploy_kit/amx.py).
     amx: bool = False
     method: str = "ppo"
     episodes: int = 64
