@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import platform
 import struct
 import sys
@@ -37,6 +38,7 @@ def applicable() -> bool:
     return sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
 
 
+@functools.cache  # read once: mode() asks on every cache key, record and report line
 def host_has_amx() -> bool:
     if not applicable():
         return False

@@ -445,11 +445,12 @@ def pruning_html(files: RunFiles) -> str:
     rows = [[_e(n), _e(full), _e(files.teacher.meta["channels"].get(n)), _cell(per_full.get(n)), _cell(per.get(n))]
             for n, full in p["channels_full"].items()]
     searched = p["budget"].get("search_ratio", p["budget"]["ratio"])  # absent before the latency margin
+    amx = f"; Intel AMX {_e(lat['amx'])}" if "amx" in lat else ""  # absent before AMX was refused
     margin = f" (searched at ×{_e(round(searched, 4))} predicted)" if searched < p["budget"]["ratio"] else ""
     facts = [f"budget {_e(p['budget']['text'])}{margin} in {_e(p['runtime'])}, method {_e(p['method'])}, "
              f"{_e(p['episodes'])} episodes, seed {_e(p['seed'])}; MACs ×{_e(p['macs']['ratio'])}",
              f"measured latency {_e(lat['measured']['pruned'])} ms vs {_e(lat['measured']['unpruned'])} ms unpruned "
-             f"(×{_e(lat['measured_ratio'])}{'; Intel AMX ' + _e(lat['amx']) if 'amx' in lat else ''}); the table predicted ×{_e(lat['predicted_ratio'])}, error "
+             f"(×{_e(lat['measured_ratio'])}{amx}); the table predicted ×{_e(lat['predicted_ratio'])}, error "
              f"{_e(lat['table_error_pct'].get('pruned'))}% on the pruned model, held-out configurations "
              f"{_e(table.get('holdout_error_pct'))}%",
              f"INT8 test accuracy {_e(files.teacher.meta['accuracy']['int8']['test'])}% vs "
