@@ -468,8 +468,21 @@ def pruning_html(files: RunFiles) -> str:
     if over:
         facts.append(f"{len(over)} finalist(s) measured over the budget and not distilled: "
                      + ", ".join(f"search episode {_e(r['episode'])} ×{_e(r['measured_ratio'])}" for r in over))
+    recal = p.get("recalibration")  # absent before recalibration; None under a MACs budget
+    if recal:
+        facts.append(_recalibration_fact(recal))
     return "\n".join(["<h2>Pruning</h2>", *[f'<p class="meta">{f}</p>' for f in facts],
                       _table(["layer", "channels", "kept", "table ms (full)", "table ms (kept)"], rows, {1, 2, 3, 4})])
+
+
+def _recalibration_fact(recal: dict) -> str:
+    first = f"the first search's finalists measured ×{_e(recal['scale'])} the table's ratio (median)"
+    if recal.get("applied"):
+        return (f"{first}: searched again at ×{_e(round(recal['search_ratio_predicted'], 4))} predicted; that round measured "
+                f"×{_e(recal.get('scale_after'))} the table's ratio; finalists kept from round {_e(recal['chosen_round'])}")
+    why = ("recalibration off" if not recal.get("enabled") else "a recalibrated budget is out of reach"
+           if recal.get("unreachable") else f"within ±{_e(round(100 * recal['tolerance']))} %: no second search")
+    return f"{first}; {why}"
 
 
 def render(files: RunFiles) -> str:

@@ -23,6 +23,7 @@ from deploy_kit.prune import agent as ag
 from deploy_kit.prune import latency as lt
 from deploy_kit.prune import surgery as sg
 from deploy_kit.prune.distil import DistilConfig
+from deploy_kit.prune.finalists import FinalistConfig
 from deploy_kit.search.ppo import PPOConfig
 from deploy_kit.teacher import load_teacher
 from deploy_kit.train import accuracy, predict
@@ -425,6 +426,142 @@ def test_finalists_measured_over_a_latency_budget_are_dropped():
     kept, dropped = within_measured_budget(timed, 0.4)  # none within: the fastest stays, so there is a choice
     assert [r["episode"] for r in kept] == [4] and [r["episode"] for r in dropped] == [1, 2, 3]
     assert within_measured_budget([], 0.5) == ([], [])
+
+
+def test_recalibration_scale_and_the_round_kept():
+    from deploy_kit.prune.finalists import choose_round, recalibration_scale
+
+    timed = [{"episode": e, "latency_ratio_predicted": p, "measured_ratio": m}
+             for e, p, m in [(1, 0.47, 0.43), (2, 0.46, 0.42), (3, 0.40, 0.40)]]
+    assert recalibration_scale(timed) == pytest.approx(0.43 / 0.47)  # the median, not the mean
+    assert recalibration_scale([]) == 1.0
+    first = [{"episode": 1, "measured_ratio": 0.43}, {"episode": 2, "measured_ratio": 0.44}]
+    second = [{"episode": 9, "measured_ratio": 0.51}, {"episode": 10, "measured_ratio": 0.48}]
+    assert choose_round([first, second], 0.5) == (1, [second[1]], [second[0]])  # the latest round with one within
+    over = [{"episode": 9, "measured_ratio": 0.52}, {"episode": 10, "measured_ratio": 0.53}]
+    assert choose_round([first, over], 0.5) == (0, first, [])  # none within: the first round's stand
+    i, kept, dropped = choose_round([[{"episode": 1, "measured_ratio": 0.55}], over], 0.5)
+    assert (i, kept, len(dropped)) == (1, [over[0]], 2)  # none anywhere: the fastest of all
+
+
+class _MacsTable:
+    """A latency table whose ms are the MACs (its ratio is what the search prices)."""
+
+    def __init__(self, infos):
+        self.infos = infos
+
+    def predict(self, channels):
+        return float(sg.macs(self.infos, channels))
+
+
+@pytest.mark.parametrize("scale, applied", [(0.8, True), (1.02, False)])
+def test_a_table_the_finalists_show_off_is_recalibrated_and_searched_again(float_lenet, digits, scale, applied):
+    """A host where every configuration measures `scale` × the table's ratio (a table timed in the
+    machine's other state): off by more than the tolerance, the search runs again at the budget the
+    measured scale implies and its finalists, timed again, are the ones kept."""
+    from deploy_kit.prune import SearchSetup, _recalibrate
+    from deploy_kit.prune.finalists import choose_round, shortlist
+    from deploy_kit.prune.reward import Scorer
+
+    model, x_bn = float_lenet
+    infos = sg.layer_infos(model, SHAPE)
+    table = _MacsTable(infos)
+    cfg = PruneConfig(teacher=Path("x"), budget="latency=0.5", episodes=8, ppo=PPOConfig(episodes_per_update=4))
+    full = table.predict(sg.full_channels(infos))
+    space = ag.ChannelSpace(infos, table.predict, cfg.search_ratio * full)
+    st = SearchSetup(digits, x_bn, model, infos, None, None, table, space)
+    scorer = Scorer(model, infos, table, x_bn, digits.split("val"), digits, cfg)
+    ag.ppo_prune_search(space, scorer, cfg.episodes, cfg.ppo, cfg.seed)
+
+    def timed(records):  # what this host measures: the table's ratio × scale
+        return [{**r, "measured_ratio": round(r["latency_ratio_predicted"] * scale, 4)} for r in records]
+    rounds, seconds, said = [timed(shortlist(scorer.records, 6))], {}, []
+    recal = _recalibrate(cfg, st, scorer, rounds, timed, said.append, seconds)
+    assert recal["scale"] == pytest.approx(scale, abs=1e-3) and recal["applied"] is applied
+    assert recal["search_ratio_predicted"] == pytest.approx(cfg.search_ratio / scale, rel=1e-3)
+    if not applied:
+        assert len(rounds) == 1 and len(scorer.records) == 8 and not said and "recalibrated_search" not in seconds
+        from deploy_kit.report import _recalibration_fact
+        assert "within ±3 %: no second search" in _recalibration_fact(recal)
+        return
+    assert len(rounds) == 2 and len(scorer.records) == 16 and "searching again at 0.594× predicted" in said[0]
+    second = scorer.records[8:]
+    assert {r["round"] for r in second} == {2} and {r["round"] for r in scorer.records[:8]} == {1}
+    assert all(r["latency_ratio_predicted"] <= cfg.search_ratio / scale + 1e-3 for r in second)
+    assert max(r["latency_ratio_predicted"] for r in second) > cfg.search_ratio  # the room the first search left
+    assert all(r["measured_ratio"] <= 0.5 for r in rounds[1])
+    assert [r["episode"] for r in rounds[1]] == [r["episode"] for r in recal["rounds"][1]]
+    assert choose_round(rounds, cfg.ratio)[0] == 1 and seconds["recalibrated_search"] >= 0
+    from deploy_kit.report import _recalibration_fact
+    assert "searched again at ×0.5937 predicted" in _recalibration_fact({**recal, "chosen_round": 2})
+
+
+def test_recalibration_can_be_turned_off_and_an_unreachable_one_is_said(float_lenet, digits):
+    from deploy_kit.prune import SearchSetup, _recalibrate
+    from deploy_kit.prune.finalists import shortlist
+    from deploy_kit.prune.reward import Scorer
+
+    model, x_bn = float_lenet
+    infos = sg.layer_infos(model, SHAPE)
+    table = _MacsTable(infos)
+    for cfg, scale, expect in [
+            (PruneConfig(teacher=Path("x"), episodes=1, recalibrate=False), 0.5, "off"),
+            (PruneConfig(teacher=Path("x"), episodes=1), 20.0, "below what the model can reach")]:
+        space = ag.ChannelSpace(infos, table.predict, cfg.search_ratio * table.predict(sg.full_channels(infos)))
+        scorer = Scorer(model, infos, table, x_bn, digits.split("val"), digits, cfg)
+        scorer([ag.uniform_config(space)])
+        rounds, said = [[{**r, "measured_ratio": r["latency_ratio_predicted"] * scale} for r in shortlist(scorer.records, 6)]], []
+        recal = _recalibrate(cfg, SearchSetup(digits, x_bn, model, infos, None, None, table, space), scorer, rounds,
+                             None, said.append, {})
+        assert not recal["applied"] and len(rounds) == 1 and len(scorer.records) == 1
+        if expect == "off":
+            assert recal["enabled"] is False and not said
+        else:
+            assert recal["unreachable"] and expect in said[0]
+    r = invoke("--help")
+    assert "--no-recalibrate" in r.output
+
+
+def test_finalists_recalibrate_against_real_litert_timing(lenet_teacher, float_lenet, digits):
+    """The whole finalist stage under a latency budget, timed in LiteRT: a table that prices LeNet5 by
+    MACs (its real INT8 latency is mostly fixed cost) is shown far off by the first round's exports,
+    the search runs again at the recalibrated budget, that round is timed too, and the finalists
+    kept are those the measured gate allows."""
+    from deploy_kit.prune import SearchSetup, _finalists
+    from deploy_kit.prune.reward import Scorer
+    from deploy_kit.train import TrainConfig
+
+    model, x_bn = float_lenet
+    infos = sg.layer_infos(model, SHAPE)
+    table = _MacsTable(infos)
+    cfg = PruneConfig(teacher=lenet_teacher, budget="latency=0.9", episodes=4, ppo=PPOConfig(episodes_per_update=4),
+                      finalists=FinalistConfig(count=3, images=64))
+    space = ag.ChannelSpace(infos, table.predict, cfg.search_ratio * table.predict(sg.full_channels(infos)))
+    assert space.reachable() / table.predict(space.full) < 0.3  # LeNet5's floors: 0.287× its MACs
+    image = normalize(digits.split("val").images[:1], digits.norm)
+    st = SearchSetup(digits, x_bn, model, infos, image, None, table, space)
+    scorer = Scorer(model, infos, table, x_bn, digits.split("val"), digits, cfg)
+    ag.ppo_prune_search(space, scorer, cfg.episodes, cfg.ppo, cfg.seed)
+    said, seconds = [], {}
+    finalists, dropped, recal = _finalists(cfg, st, load_teacher(lenet_teacher), scorer, TrainConfig(batch_size=64),
+                                           DistilConfig().resolved("adam", 1), torch.device("cpu"), said.append, seconds)
+    # MACs fall to ≤ 0.855× but the fixed cost stays: the table's ratio is far too low; 0.855 / scale ≥ 0.3
+    assert 1.03 < recal["scale"] < 2.8 and recal["applied"] and len(recal["rounds"]) == 2
+    assert recal["search_ratio_predicted"] == pytest.approx(0.855 / recal["scale"], rel=1e-3)
+    assert {r["round"] for r in scorer.records} == {1, 2} and seconds["recalibrated_search"] >= 0
+    assert any("searching again" in m for m in said) and "finalists" in seconds
+    rounds = recal["rounds"]
+    assert all(r["latency_ratio_predicted"] <= recal["search_ratio_predicted"] + 1e-3 for r in rounds[1])
+    chosen = rounds[recal["chosen_round"] - 1]
+    within = [r for r in chosen if r["measured_ratio"] <= 0.9]
+    kept = {r["episode"] for r in finalists}
+    if within:  # the gate: every finalist kept measured within the budget, the others were dropped
+        assert kept == {r["episode"] for r in within} and len(dropped) == len(chosen) - len(within)
+        assert recal["chosen_round"] == 2 or not any(r["measured_ratio"] <= 0.9 for r in rounds[1])
+    else:  # nothing anywhere within: the fastest of both rounds
+        assert len(finalists) == 1 and finalists[0]["measured_ratio"] == min(r["measured_ratio"] for rnd in rounds for r in rnd)
+        assert any("every finalist measured over" in m for m in said)
+    assert all("short_val_acc" in r for r in finalists) or len(finalists) == 1
 
 
 def test_finalists_are_timed_as_int8_exports_against_the_unpruned_teacher(lenet_teacher, float_lenet, digits):

@@ -25,6 +25,10 @@ from deploy_kit.device import DEVICES
               help="Let the runtime use Intel AMX while timing. Off by default: no phone has AMX, and on x86 "
                    "servers that do, its INT8 kernels cost a fixed ~5 µs per layer that hides what channels cost "
                    "(Linux x86-64; elsewhere there is nothing to refuse).")
+@click.option("--recalibrate/--no-recalibrate", default=True, show_default=True,
+              help="Under a latency budget, when the finalists timed as INT8 exports show the table's ratio off by "
+                   "more than 3 % (a host's state moves it), search once more with the table scaled by what they "
+                   "measured, and keep that round's finalists unless none measures within the budget.")
 @click.option("--method", default="ppo", show_default=True,
               help="ppo (the agent) or l1-uniform (the baseline: one keep ratio for every layer).")
 @click.option("--episodes", default=64, show_default=True, help="Configurations the agent evaluates.")
@@ -61,7 +65,7 @@ from deploy_kit.device import DEVICES
 @click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
 @json_option
 @handle_errors
-def command(teacher, budget, latency_margin, runtime, amx, method, episodes, alpha, beta, gamma, finalists, finalist_images, finalist_epochs,
+def command(teacher, budget, latency_margin, runtime, amx, recalibrate, method, episodes, alpha, beta, gamma, finalists, finalist_images, finalist_epochs,
             kd_epochs, qat_epochs, kd_lr, kd_temperature, kd_alpha, kd_at_weight, qat_kd, device, threads, seed, out, force, as_json):
     """Remove channels under a latency or MACs budget, then distil and QAT the pruned model.
 
@@ -82,7 +86,7 @@ def command(teacher, budget, latency_margin, runtime, amx, method, episodes, alp
     from deploy_kit.prune.distil import DistilConfig
     from deploy_kit.prune.finalists import FinalistConfig
 
-    cfg = PruneConfig(teacher=teacher, budget=budget, latency_margin=latency_margin, runtime=runtime, amx=amx, method=method, episodes=episodes, alpha=alpha,
+    cfg = PruneConfig(teacher=teacher, budget=budget, latency_margin=latency_margin, runtime=runtime, amx=amx, recalibrate=recalibrate, method=method, episodes=episodes, alpha=alpha,
                       beta=beta, gamma=gamma, seed=seed, device=device, threads=threads,
                       finalists=FinalistConfig(count=finalists, images=finalist_images, epochs=finalist_epochs),
                       distil=DistilConfig(epochs=kd_epochs, qat_epochs=qat_epochs, lr=kd_lr, temperature=kd_temperature,

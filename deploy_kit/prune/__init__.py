@@ -31,8 +31,8 @@ from deploy_kit.errors import ConfigError
 from deploy_kit.fsutil import atomic_path, check_writable
 from deploy_kit.prune import agent as ag
 from deploy_kit.prune.distil import DistilConfig, distil_and_qat
-from deploy_kit.prune.finalists import (FinalistConfig, rank_finalists, shortlist, time_finalists,
-                                        within_measured_budget)
+from deploy_kit.prune.finalists import (RECALIBRATE_TOLERANCE, FinalistConfig, choose_round, rank_finalists,
+                                        recalibration_scale, shortlist, time_finalists)
 from deploy_kit.amx import mode as amx_mode
 from deploy_kit.prune.latency import RUNTIMES, TableSpec, latency_table, time_against
 from deploy_kit.prune.reward import Scorer
@@ -75,6 +75,9 @@ class PruneConfig:
     # Time with Intel AMX allowed. Off by default: no phone has AMX, and on x86 hosts that do,
     # XNNPACK's AMX INT8 kernels cost ~5 µs per layer whatever the channels (deploy_kit/amx.py).
     amx: bool = False
+    # Under a latency budget: when the finalists, timed as INT8 exports, show the table's ratio off by
+    # more than 3 %, search once more with the table scaled by what they measured (finalists.py).
+    recalibrate: bool = True
     method: str = "ppo"
     episodes: int = 64
     # R = α·ΔP − β·ΔC − γ·ΔH (ΔP: val accuracy change as a fraction, ΔC/ΔH: relative MACs/latency
@@ -201,18 +204,13 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
 
     clock = time.perf_counter()
     scorer = Scorer(st.model, st.infos, st.table, st.x_bn, st.ds.split("val"), st.ds, cfg)
-    if cfg.method == "ppo":
-        ag.ppo_prune_search(st.space, _with_progress(scorer, cfg.episodes), cfg.episodes, cfg.ppo, cfg.seed)
-    else:
-        scorer([ag.uniform_config(st.space)])
+    _search(cfg, st.space, scorer)
     seconds["search"] = round(time.perf_counter() - clock, 1)
 
-    clock = time.perf_counter()
     train_cfg = _train_config(teacher)
     distil = cfg.distil.resolved(train_cfg.optimizer, train_cfg.epochs)
-    finalists, dropped = _finalists(cfg, st, teacher, scorer, train_cfg, distil, device, say)
+    finalists, dropped, recal = _finalists(cfg, st, teacher, scorer, train_cfg, distil, device, say, seconds)
     best = finalists[0]
-    seconds["finalists"] = round(time.perf_counter() - clock, 1)
     say(f"chosen: {best['channels']} (val {best['val_acc']}% before distillation"
         + (f", {best['short_val_acc']}% after the short one" if "short_val_acc" in best else "")
         + f"; unpruned {scorer.acc0}%)")
@@ -228,7 +226,7 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     timing = _measure_pair(teacher.model, student, in_shape, cfg.runtime, st.x_bn, st.image, cfg.seed, cfg.amx)
     seconds["measure"] = round(time.perf_counter() - clock, 1)
     channels = channel_counts(student)
-    pruning = _pruning_record(cfg, distil, st, teacher, scorer, finalists, dropped, channels, timing, seconds)
+    pruning = _pruning_record(cfg, distil, st, teacher, scorer, finalists, dropped, recal, channels, timing, seconds)
     new_meta = {**{k: v for k, v in meta.items() if k not in ("format", "weights", "weights_sha256")},
                 "seed": meta["seed"], "channels": channels,
                 "input_quant": quant.input_quant(student).to_dict(), "output_quant": quant.output_quant(student).to_dict(),
@@ -241,25 +239,76 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     return PruneOutcome(out, {**new_meta}, seconds)
 
 
+def _search(cfg: PruneConfig, space: ag.ChannelSpace, scorer: Scorer) -> None:
+    """One search round over `space`: the agent's episodes, or the L1-uniform configuration alone."""
+    if cfg.method == "ppo":
+        ag.ppo_prune_search(space, _with_progress(scorer, cfg.episodes), cfg.episodes, cfg.ppo, cfg.seed)
+    else:
+        scorer([ag.uniform_config(space)])
+
+
 def _finalists(cfg: PruneConfig, st: SearchSetup, teacher: Teacher, scorer: Scorer, train_cfg: TrainConfig,
-               distil: DistilConfig, device, say) -> tuple[list[dict], list[dict]]:
-    """(ranked, dropped): the search's best few, under a latency budget timed as INT8 exports and
-    those measured over it dropped (the table's error is as large as the search's margin), then
-    ranked on val after a short distillation; the first is the one to distil in full."""
-    finalists, dropped = shortlist(scorer.records, max(1, cfg.finalists.count)), []
+               distil: DistilConfig, device, say, seconds: dict) -> tuple[list[dict], list[dict], dict | None]:
+    """(ranked, dropped, recalibration): the search's best few, under a latency budget timed as INT8
+    exports (searched again with the table recalibrated when they show it off, see finalists.py) and
+    those measured over it dropped, then ranked on val after a short distillation; the first is the
+    one to distil in full."""
+    clock = time.perf_counter()
+    count = max(1, cfg.finalists.count)
+    finalists, dropped, recal = shortlist(scorer.records, count), [], None
     if cfg.metric == "latency":
-        timed = time_finalists(finalists, st.model, teacher.model, st.x_bn, st.image, cfg.runtime, cfg.seed, cfg.amx)
-        finalists, dropped = within_measured_budget(timed, cfg.ratio)
+        def timed(records):
+            return time_finalists(records, st.model, teacher.model, st.x_bn, st.image, cfg.runtime, cfg.seed, cfg.amx)
+        rounds = [timed(finalists)]
+        recal = _recalibrate(cfg, st, scorer, rounds, timed, say, seconds)
+        chosen, finalists, dropped = choose_round(rounds, cfg.ratio)
+        recal["chosen_round"] = chosen + 1
         if dropped:
-            say(f"{len(dropped)} of {len(timed)} finalists measured over the budget ({cfg.ratio}×): "
+            say(f"{len(dropped)} of {len(rounds[chosen])} finalists measured over the budget ({cfg.ratio}×): "
                 + ", ".join(f"episode {r['episode']} {r['measured_ratio']:.3f}×" for r in dropped) + "; not distilled")
         if finalists[0]["measured_ratio"] > cfg.ratio:
             say(f"warning: every finalist measured over the budget; the fastest ({finalists[0]['measured_ratio']:.3f}×) "
                 "is kept. A busy machine times high: re-run on a quiet one")
+        elif chosen + 1 < len(rounds):
+            say("no finalist of the recalibrated search measured within the budget: the first search's are kept")
     if len(finalists) > 1:
         finalists = rank_finalists(finalists, st.model, teacher.model, st.x_bn, st.ds, train_cfg, distil, cfg.finalists,
                                    cfg.seed, device, say)
-    return finalists, dropped
+    seconds["finalists"] = round(time.perf_counter() - clock - seconds.get("recalibrated_search", 0), 1)
+    return finalists, dropped, recal
+
+
+def _recalibrate(cfg: PruneConfig, st: SearchSetup, scorer: Scorer, rounds: list[list[dict]], timed, say,
+                 seconds: dict) -> dict:
+    """When the first round's finalists measure off the table's ratio by more than the tolerance,
+    search once more at the budget the measured scale implies and time that round's finalists
+    (appended to `rounds`). Returns what was measured and done."""
+    scale = recalibration_scale(rounds[0])
+    full = st.table.predict(st.space.full)
+    predicted = cfg.search_ratio / scale  # the predicted ratio the search may reach for search_ratio measured
+    recal = {"enabled": cfg.recalibrate, "tolerance": RECALIBRATE_TOLERANCE, "scale": round(scale, 4),
+             "applied": False, "search_ratio_predicted": round(predicted, 6),
+             "rounds": [[{k: r[k] for k in ("episode", "latency_ratio_predicted", "measured_ratio")} for r in rounds[0]]]}
+    if not cfg.recalibrate or abs(scale - 1) <= RECALIBRATE_TOLERANCE:
+        return recal
+    space = ag.ChannelSpace(st.infos, st.table.predict, predicted * full)
+    if space.reachable() > space.budget:
+        say(f"the finalists measured {scale:.3f}× the table's ratio; a recalibrated budget ({predicted:.3f}× predicted) "
+            "is below what the model can reach, so the first search's finalists stand")
+        recal["unreachable"] = True
+        return recal
+    say(f"the finalists measured {scale:.3f}× the latency table's ratio (median of {len(rounds[0])}): searching again "
+        f"at {predicted:.3f}× predicted, i.e. {cfg.search_ratio:.3f}× measured")
+    clock, start = time.perf_counter(), len(scorer.records)
+    scorer.round = 2
+    _search(cfg, space, scorer)
+    seconds["recalibrated_search"] = round(time.perf_counter() - clock, 1)
+    rounds.append(timed(shortlist(scorer.records[start:], max(1, cfg.finalists.count))))
+    recal["applied"] = True
+    recal["rounds"].append([{k: r[k] for k in ("episode", "latency_ratio_predicted", "measured_ratio")}
+                            for r in rounds[1]])
+    recal["scale_after"] = round(recalibration_scale(rounds[1]), 4)
+    return recal
 
 
 def _space(infos, cost, cfg: PruneConfig) -> ag.ChannelSpace:
@@ -306,7 +355,7 @@ def _measure_pair(unpruned, pruned, in_shape, runtime: str, x_bn, image, seed: i
     return {"unpruned": base, "pruned": ms}
 
 
-def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, finalists, dropped, channels, timing,
+def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, finalists, dropped, recal, channels, timing,
                     seconds) -> dict:
     spec, table, infos = st.spec, st.table, st.infos
     full = full_channels(infos)
@@ -325,6 +374,7 @@ def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, finalists, dr
                    "bn_images": cfg.bn_images, "val_acc_unpruned": scorer.acc0, "chosen": finalists[0]},
         "finalists": {**cfg.finalists.to_dict(), "ranked": finalists if len(finalists) > 1 else [],
                       "over_budget": dropped},  # measured over a latency budget: not distilled
+        "recalibration": recal,  # None under a MACs budget (exact: nothing to recalibrate)
         "channels_full": full, "ppo": cfg.ppo.to_dict(), "distil": distil.to_dict(),
         "latency_ms": {"measured": timing, "predicted": predicted, "table_error_pct": err,
                        "measured_ratio": round(ratio["measured"], 4), "predicted_ratio": round(ratio["predicted"], 4),

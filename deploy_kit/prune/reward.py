@@ -20,6 +20,7 @@ class Scorer:
         full = full_channels(infos)
         self.acc0, self.macs0, self.ms0 = self._accuracy(full), macs(infos, full), table.predict(full)
         self.records: list[dict] = []
+        self.round = 1  # the search round (2: after the table was recalibrated against measured finalists)
         self._seen: dict[tuple, dict] = {}
 
     def _accuracy(self, channels: dict[str, int]) -> float:
@@ -37,7 +38,7 @@ class Scorer:
             reward = self.cfg.alpha * (acc - self.acc0) / 100 - self.cfg.beta * dc - self.cfg.gamma * dh
             self._seen[key] = {"channels": dict(channels), "val_acc": acc, "macs_ratio": round(dc + 1, 4),
                                "latency_ratio_predicted": round(dh + 1, 4), "reward": round(reward, 6)}
-        rec = {"episode": len(self.records) + 1, **self._seen[key]}
+        rec = {"episode": len(self.records) + 1, "round": self.round, **self._seen[key]}
         self.records.append(rec)
         return rec
 
