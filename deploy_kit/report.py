@@ -479,7 +479,9 @@ def _recalibration_fact(recal: dict) -> str:
     first = f"the first search's finalists measured ×{_e(recal['scale'])} the table's ratio (median)"
     if recal.get("applied"):
         return (f"{first}: searched again at ×{_e(round(recal['search_ratio_predicted'], 4))} predicted; that round measured "
-                f"×{_e(recal.get('scale_after'))} the table's ratio; finalists kept from round {_e(recal['chosen_round'])}")
+                f"×{_e(recal.get('scale_after'))} the table's ratio; finalists kept from round {_e(recal['chosen_round'])}"
+                + (f"; the scaled table's ratio error on the chosen model {_e(recal['ratio_error_pct'])}%"
+                   if "ratio_error_pct" in recal else ""))
     why = ("recalibration off" if not recal.get("enabled") else "a recalibrated budget is out of reach"
            if recal.get("unreachable") else f"within ±{_e(round(100 * recal['tolerance']))} %: no second search")
     return f"{first}; {why}"

@@ -494,6 +494,12 @@ def test_a_table_the_finalists_show_off_is_recalibrated_and_searched_again(float
     assert choose_round(rounds, cfg.ratio)[0] == 1 and seconds["recalibrated_search"] >= 0
     from deploy_kit.report import _recalibration_fact
     assert "searched again at ×0.5937 predicted" in _recalibration_fact({**recal, "chosen_round": 2})
+    from deploy_kit.prune import with_scaled_error
+    done = with_scaled_error(recal, predicted=0.55, measured=0.46)  # the chosen model, after distillation
+    assert done["predicted_ratio"] == pytest.approx(0.44, abs=1e-3) and done["ratio_error_pct"] == pytest.approx(-4.35, abs=0.05)
+    assert "ratio error on the chosen model -4.3" in _recalibration_fact({**done, "chosen_round": 2})
+    assert with_scaled_error({**recal, "applied": False}, 0.55, 0.46) == {**recal, "applied": False}
+    assert with_scaled_error(None, 0.55, 0.46) is None
 
 
 def test_recalibration_can_be_turned_off_and_an_unreachable_one_is_said(float_lenet, digits):

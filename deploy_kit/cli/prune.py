@@ -99,6 +99,10 @@ def command(teacher, budget, latency_margin, runtime, amx, recalibrate, method, 
     say(f"MACs {p['macs']['ratio']:.3f}× · {runtime} latency (AMX {lat['amx']}) measured {lat['measured']['pruned']:.4f} ms vs "
         f"{lat['measured']['unpruned']:.4f} ms ({lat['measured_ratio']:.3f}×; table predicted {lat['predicted_ratio']:.3f}×: "
         f"error {lat['table_error_pct']['ratio']:+.1f}% on the ratio, {lat['table_error_pct']['pruned']:+.1f}% on the ms)")
+    recal = p.get("recalibration") or {}
+    if recal.get("applied"):
+        say(f"recalibrated: the first search's finalists measured {recal['scale']:.3f}× the table's ratio; searched again at "
+            f"{recal['search_ratio_predicted']:.3f}× predicted; the scaled table's ratio error {recal['ratio_error_pct']:+.1f}%")
     say(f"INT8 accuracy: val {acc['val']:.2f}%  test {acc['test']:.2f}%  (unpruned test {p['source']['accuracy_int8']['test']:.2f}%)")
     say(f"teacher → {out / 'teacher.json'}   ({', '.join(f'{k} {v:.0f}s' for k, v in outcome.seconds.items())})")
     emit(outcome.summary())

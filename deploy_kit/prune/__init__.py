@@ -366,6 +366,7 @@ def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, finalists, dr
     # The table was timed in another session than this check: a shared machine's load moves every
     # absolute figure alike, so the error of the ratio (same session) is the table's own error.
     err["ratio"] = round(100 * (ratio["predicted"] - ratio["measured"]) / ratio["measured"], 2)
+    recal = with_scaled_error(recal, ratio["predicted"], ratio["measured"])
     return {
         "method": cfg.method, "budget": {"metric": cfg.metric, "ratio": cfg.ratio, "text": cfg.budget,
                                          "search_ratio": round(cfg.search_ratio, 6)},
@@ -390,6 +391,15 @@ def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, finalists, dr
                    "channels": full, "accuracy_int8": teacher.meta.get("accuracy", {}).get("int8")},
         "stage_seconds": dict(seconds),
     }
+
+
+def with_scaled_error(recal: dict | None, predicted: float, measured: float) -> dict | None:
+    """The recalibration record plus, when a second search ran, the chosen model's ratio as the
+    scaled table priced it and that ratio's error against the measured one (%)."""
+    if not recal or not recal["applied"]:
+        return recal
+    scaled = predicted * recal["scale"]
+    return {**recal, "predicted_ratio": round(scaled, 4), "ratio_error_pct": round(100 * (scaled - measured) / measured, 2)}
 
 
 def _write_log(path: Path, records: list[dict]) -> None:
