@@ -567,6 +567,7 @@ def test_finalists_recalibrate_against_real_litert_timing(lenet_teacher, float_l
     else:  # nothing anywhere within: the fastest of both rounds
         assert len(finalists) == 1 and finalists[0]["measured_ratio"] == min(r["measured_ratio"] for rnd in rounds for r in rnd)
         assert any("every finalist measured over" in m for m in said)
+        assert f"{len(dropped)} of {len(dropped) + 1} finalists measured over the budget" in " ".join(said)
     assert all("short_val_acc" in r for r in finalists) or len(finalists) == 1
 
 

@@ -264,7 +264,7 @@ def _finalists(cfg: PruneConfig, st: SearchSetup, teacher: Teacher, scorer: Scor
         chosen, finalists, dropped = choose_round(rounds, cfg.ratio)
         recal["chosen_round"] = chosen + 1
         if dropped:
-            say(f"{len(dropped)} of {len(rounds[chosen])} finalists measured over the budget ({cfg.ratio}×): "
+            say(f"{len(dropped)} of {len(finalists) + len(dropped)} finalists measured over the budget ({cfg.ratio}×): "
                 + ", ".join(f"episode {r['episode']} {r['measured_ratio']:.3f}×" for r in dropped) + "; not distilled")
         if finalists[0]["measured_ratio"] > cfg.ratio:
             say(f"warning: every finalist measured over the budget; the fastest ({finalists[0]['measured_ratio']:.3f}×) "
