@@ -476,7 +476,7 @@ def test_a_table_the_finalists_show_off_is_recalibrated_and_searched_again(float
     def timed(records):  # what this host measures: the table's ratio × scale
         return [{**r, "measured_ratio": round(r["latency_ratio_predicted"] * scale, 4)} for r in records]
     rounds, seconds, said = [timed(shortlist(scorer.records, 6))], {}, []
-    recal = _recalibrate(cfg, st, scorer, rounds, timed, said.append, seconds)
+    recal = _recalibrate(cfg, st, scorer, rounds, timed, 6, said.append, seconds)
     assert recal["scale"] == pytest.approx(scale, abs=1e-3) and recal["applied"] is applied
     assert recal["search_ratio_predicted"] == pytest.approx(cfg.search_ratio / scale, rel=1e-3)
     if not applied:
@@ -518,7 +518,7 @@ def test_recalibration_can_be_turned_off_and_an_unreachable_one_is_said(float_le
         scorer([ag.uniform_config(space)])
         rounds, said = [[{**r, "measured_ratio": r["latency_ratio_predicted"] * scale} for r in shortlist(scorer.records, 6)]], []
         recal = _recalibrate(cfg, SearchSetup(digits, x_bn, model, infos, None, None, table, space), scorer, rounds,
-                             None, said.append, {})
+                             None, 6, said.append, {})
         assert not recal["applied"] and len(rounds) == 1 and len(scorer.records) == 1
         if expect == "off":
             assert recal["enabled"] is False and not said

@@ -260,7 +260,7 @@ def _finalists(cfg: PruneConfig, st: SearchSetup, teacher: Teacher, scorer: Scor
         def timed(records):
             return time_finalists(records, st.model, teacher.model, st.x_bn, st.image, cfg.runtime, cfg.seed, cfg.amx)
         rounds = [timed(finalists)]
-        recal = _recalibrate(cfg, st, scorer, rounds, timed, say, seconds)
+        recal = _recalibrate(cfg, st, scorer, rounds, timed, count, say, seconds)
         chosen, finalists, dropped = choose_round(rounds, cfg.ratio)
         recal["chosen_round"] = chosen + 1
         if dropped:
@@ -278,7 +278,11 @@ def _finalists(cfg: PruneConfig, st: SearchSetup, teacher: Teacher, scorer: Scor
     return finalists, dropped, recal
 
 
-def _recalibrate(cfg: PruneConfig, st: SearchSetup, scorer: Scorer, rounds: list[list[dict]], timed, say,
+def _round_record(timed: list[dict]) -> list[dict]:
+    return [{k: r[k] for k in ("episode", "latency_ratio_predicted", "measured_ratio")} for r in timed]
+
+
+def _recalibrate(cfg: PruneConfig, st: SearchSetup, scorer: Scorer, rounds: list[list[dict]], timed, count: int, say,
                  seconds: dict) -> dict:
     """When the first round's finalists measure off the table's ratio by more than the tolerance,
     search once more at the budget the measured scale implies and time that round's finalists
@@ -288,7 +292,7 @@ def _recalibrate(cfg: PruneConfig, st: SearchSetup, scorer: Scorer, rounds: list
     predicted = cfg.search_ratio / scale  # the predicted ratio the search may reach for search_ratio measured
     recal = {"enabled": cfg.recalibrate, "tolerance": RECALIBRATE_TOLERANCE, "scale": round(scale, 4),
              "applied": False, "search_ratio_predicted": round(predicted, 6),
-             "rounds": [[{k: r[k] for k in ("episode", "latency_ratio_predicted", "measured_ratio")} for r in rounds[0]]]}
+             "rounds": [_round_record(rounds[0])]}
     if not cfg.recalibrate or abs(scale - 1) <= RECALIBRATE_TOLERANCE:
         return recal
     space = ag.ChannelSpace(st.infos, st.table.predict, predicted * full)
@@ -303,10 +307,9 @@ def _recalibrate(cfg: PruneConfig, st: SearchSetup, scorer: Scorer, rounds: list
     scorer.round = 2
     _search(cfg, space, scorer)
     seconds["recalibrated_search"] = round(time.perf_counter() - clock, 1)
-    rounds.append(timed(shortlist(scorer.records[start:], max(1, cfg.finalists.count))))
+    rounds.append(timed(shortlist(scorer.records[start:], count)))
     recal["applied"] = True
-    recal["rounds"].append([{k: r[k] for k in ("episode", "latency_ratio_predicted", "measured_ratio")}
-                            for r in rounds[1]])
+    recal["rounds"].append(_round_record(rounds[1]))
     recal["scale_after"] = round(recalibration_scale(rounds[1]), 4)
     return recal
 
