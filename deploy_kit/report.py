@@ -448,7 +448,7 @@ def pruning_html(files: RunFiles) -> str:
     amx = f"; Intel AMX {_e(lat['amx'])}" if "amx" in lat else ""  # absent before AMX was refused
     margin = f" (searched at ×{_e(round(searched, 4))} predicted)" if searched < p["budget"]["ratio"] else ""
     facts = [f"budget {_e(p['budget']['text'])}{margin} in {_e(p['runtime'])}, method {_e(p['method'])}, "
-             f"{_e(p['episodes'])} episodes, seed {_e(p['seed'])}; MACs ×{_e(p['macs']['ratio'])}",
+             f"{_e(p['episodes'])} episodes, seed {_e(p['seed'])}, {_reward_text(p['reward'])}; MACs ×{_e(p['macs']['ratio'])}",
              f"measured latency {_e(lat['measured']['pruned'])} ms vs {_e(lat['measured']['unpruned'])} ms unpruned "
              f"(×{_e(lat['measured_ratio'])}{amx}); the table predicted ×{_e(lat['predicted_ratio'])}, error "
              f"{_e(lat['table_error_pct'].get('pruned'))}% on the pruned model, held-out configurations "
@@ -473,6 +473,12 @@ def pruning_html(files: RunFiles) -> str:
         facts.append(_recalibration_fact(recal))
     return "\n".join(["<h2>Pruning</h2>", *[f'<p class="meta">{f}</p>' for f in facts],
                       _table(["layer", "channels", "kept", "table ms (full)", "table ms (kept)"], rows, {1, 2, 3, 4})])
+
+
+def _reward_text(reward: dict) -> str:
+    if reward.get("kind") == "kd":  # absent before the kd reward: "bn"
+        return f"reward: val % after a short distillation on {_e(reward['kd_images'])} images"
+    return "reward: val % after BN re-estimation"
 
 
 def _recalibration_fact(recal: dict) -> str:

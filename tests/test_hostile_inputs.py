@@ -282,7 +282,8 @@ PRUNE_BAD = [("--budget", "macs=1.5"), ("--budget", "macs=0"), ("--budget", "lat
              ("--kd-temperature", "0"), ("--device", "tpu"), ("--kd-lr", "0"), ("--kd-lr", "nan"), ("--kd-lr", "-1"),
              ("--threads", "0"), ("--threads", "two"), ("--finalists", "-1"), ("--finalist-images", "8"),
              ("--finalist-epochs", "0"), ("--finalists", "six"), ("--latency-margin", "0.5"),
-             ("--latency-margin", "-0.01"), ("--latency-margin", "nan")]
+             ("--latency-margin", "-0.01"), ("--latency-margin", "nan"), ("--reward", "accuracy"),
+             ("--reward-images", "8"), ("--reward-images", "lots")]
 
 IMPORT = ("--research", f"{TMP}/ckpt.pth", "--model", "lenet5", "--data", "digits", "--out", f"{TMP}/imported")
 IMPORT_BAD = [("--model", "resnet9000"), ("--backend", "cuda"), ("--seed", "-1")]

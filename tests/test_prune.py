@@ -454,6 +454,36 @@ class _MacsTable:
         return float(sg.macs(self.infos, channels))
 
 
+def test_the_kd_reward_scores_each_proposal_after_a_short_distillation(lenet_teacher, float_lenet, digits):
+    """--reward kd: every proposal is distilled for one epoch on the same seeded images before its val
+    accuracy is taken (a cut model scores higher than after BN alone, the same on a second scorer);
+    the unpruned model's figure stays its own, untrained."""
+    from deploy_kit.prune import SearchSetup, _reward_training
+    from deploy_kit.prune.reward import Scorer
+    from deploy_kit.train import TrainConfig
+
+    model, x_bn = float_lenet
+    infos = sg.layer_infos(model, SHAPE)
+    full = sg.full_channels(infos)
+    floors = {n: min(c, lt.channel_step(c)) for n, c in full.items()}
+    st = SearchSetup(digits, x_bn, model, infos, None, None, _MacsTable(infos), None)
+    teacher, distil = load_teacher(lenet_teacher), DistilConfig().resolved("adam", 3)
+
+    def scorer(reward):
+        cfg = PruneConfig(teacher=Path("x"), budget="macs=0.5", reward=reward, reward_images=512)
+        train = _reward_training(cfg, st, teacher, TrainConfig(batch_size=64), distil, torch.device("cpu"))
+        assert (train is None) == (reward == "bn")
+        return Scorer(model, infos, st.table, x_bn, digits.split("val"), digits, cfg, train)
+    bn, kd, kd_again = scorer("bn"), scorer("kd"), scorer("kd")
+    assert bn.acc0 == kd.acc0  # the teacher's own float model, never distilled onto itself
+    after_bn, after_kd = bn.one(floors), kd.one(floors)
+    assert after_kd["val_acc"] > after_bn["val_acc"] + 5 and after_kd["reward"] > after_bn["reward"]
+    assert kd_again.one(floors) == after_kd  # same images, order and augmentation: reproducible
+    for bad, match in ((dict(reward="accuracy"), "unknown --reward 'accuracy'"), (dict(reward_images=8), "--reward-images")):
+        with pytest.raises(ConfigError, match=match):
+            PruneConfig(teacher=Path("x"), **bad)
+
+
 @pytest.mark.parametrize("scale, applied", [(0.8, True), (1.02, False)])
 def test_a_table_the_finalists_show_off_is_recalibrated_and_searched_again(float_lenet, digits, scale, applied):
     """A host where every configuration measures `scale` × the table's ratio (a table timed in the
@@ -620,6 +650,7 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     assert p["seed"] == 0 and p["budget"] == {"metric": "macs", "ratio": 0.5, "text": "macs=0.5", "search_ratio": 0.5}
     assert p["distil"]["lr"] == meta["config"]["lr"] == 1e-3  # the Adam teacher's default distillation rate
     assert p["distil"]["at_weight"] == DistilConfig().at_weight and p["distil"]["qat_kd"] is True
+    assert p["reward"]["kind"] == "bn" and p["reward"]["kd_images"] == 0 and p["reward"]["bn_images"] == 256
     from conftest import LENET_TEACHER_CONFIG
     assert p["distil"]["epochs"] == meta["config"]["epochs"] == 6  # 2 × the fixture's 3 epochs
     assert LENET_TEACHER_CONFIG["epochs"] == 3
@@ -635,7 +666,7 @@ def test_pruned_teacher_goes_through_search_export_verify(lenet_teacher, tmp_pat
     from deploy_kit.report import REPORT_NAME, write_report
     write_report(out)  # its pruning section: channels kept per layer, the table, the finalists
     page = (out / REPORT_NAME).read_text()
-    assert "<h2>Pruning</h2>" in page and f"{len(ranked)} finalists" in page and f"Intel AMX {amx.mode(False)}" in page
+    assert "<h2>Pruning</h2>" in page and f"{len(ranked)} finalists" in page and "reward: val % after BN" in page and f"Intel AMX {amx.mode(False)}" in page
     assert f"{ranked[0]['short_val_acc']} (#{ranked[0]['search_rank']})" in page
 
     teacher = load_teacher(out)  # builds the model from the recorded counts

@@ -35,6 +35,12 @@ from deploy_kit.device import DEVICES
 @click.option("--alpha", type=Finite(min=0), default=1.0, show_default=True, help="Reward weight of the val accuracy change.")
 @click.option("--beta", type=Finite(min=0), default=0.0, show_default=True, help="Reward weight of the MACs reduction.")
 @click.option("--gamma", type=Finite(min=0), default=0.0, show_default=True, help="Reward weight of the predicted latency reduction.")
+@click.option("--reward", "reward_kind", default="bn", show_default=True,
+              help="What the val accuracy ΔP is taken after: bn (BatchNorm re-estimation alone, ~1 s a proposal) or "
+                   "kd (also one short distillation epoch on --reward-images training images, the same for every "
+                   "proposal; NetAdapt's short fine-tune, ~5–20× slower).")
+@click.option("--reward-images", type=click.IntRange(64), default=2000, show_default=True,
+              help="Training images (a seeded subset) each proposal is distilled on under --reward kd.")
 @click.option("--finalists", type=click.IntRange(0), default=6, show_default=True,
               help="The search's best distinct configurations each distilled briefly and ranked on val; the best is "
                    "distilled in full (0 or 1: the search's own best).")
@@ -65,7 +71,7 @@ from deploy_kit.device import DEVICES
 @click.option("--force", is_flag=True, help="Overwrite an existing --out folder.")
 @json_option
 @handle_errors
-def command(teacher, budget, latency_margin, runtime, amx, recalibrate, method, episodes, alpha, beta, gamma, finalists, finalist_images, finalist_epochs,
+def command(teacher, budget, latency_margin, runtime, amx, recalibrate, method, episodes, alpha, beta, gamma, reward_kind, reward_images, finalists, finalist_images, finalist_epochs,
             kd_epochs, qat_epochs, kd_lr, kd_temperature, kd_alpha, kd_at_weight, qat_kd, device, threads, seed, out, force, as_json):
     """Remove channels under a latency or MACs budget, then distil and QAT the pruned model.
 
@@ -87,7 +93,7 @@ def command(teacher, budget, latency_margin, runtime, amx, recalibrate, method, 
     from deploy_kit.prune.finalists import FinalistConfig
 
     cfg = PruneConfig(teacher=teacher, budget=budget, latency_margin=latency_margin, runtime=runtime, amx=amx, recalibrate=recalibrate, method=method, episodes=episodes, alpha=alpha,
-                      beta=beta, gamma=gamma, seed=seed, device=device, threads=threads,
+                      beta=beta, gamma=gamma, reward=reward_kind, reward_images=reward_images, seed=seed, device=device, threads=threads,
                       finalists=FinalistConfig(count=finalists, images=finalist_images, epochs=finalist_epochs),
                       distil=DistilConfig(epochs=kd_epochs, qat_epochs=qat_epochs, lr=kd_lr, temperature=kd_temperature,
                                           alpha=kd_alpha, at_weight=kd_at_weight, qat_kd=qat_kd))

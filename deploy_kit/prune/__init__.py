@@ -32,7 +32,7 @@ from deploy_kit.fsutil import atomic_path, check_writable
 from deploy_kit.prune import agent as ag
 from deploy_kit.prune.distil import DistilConfig, distil_and_qat
 from deploy_kit.prune.finalists import (RECALIBRATE_TOLERANCE, FinalistConfig, choose_round, rank_finalists,
-                                        recalibration_scale, shortlist, time_finalists)
+                                        recalibration_scale, short_distil, shortlist, time_finalists, train_subset)
 from deploy_kit.amx import mode as amx_mode
 from deploy_kit.prune.latency import RUNTIMES, TableSpec, latency_table, time_against
 from deploy_kit.prune.reward import Scorer
@@ -44,6 +44,7 @@ from deploy_kit.train import TrainConfig, torch_threads, versions
 
 METRICS = ("latency", "macs")
 METHODS = ("ppo", "l1-uniform")
+REWARDS = ("bn", "kd")  # ΔP after BN re-estimation alone, or after a short distillation too (reward.py)
 LOG_NAME = "prune_log.jsonl"
 
 
@@ -87,6 +88,8 @@ class PruneConfig:
     gamma: float = 0.0
     seed: int = 0
     bn_images: int = 256  # training images for BN re-estimation (and activation ranges for timing)
+    reward: str = "bn"
+    reward_images: int = 2000  # the "kd" reward: training images each proposal is distilled on (one epoch)
     distil: DistilConfig = field(default_factory=DistilConfig)
     finalists: FinalistConfig = field(default_factory=FinalistConfig)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(episodes_per_update=8))
@@ -100,6 +103,10 @@ class PruneConfig:
             raise ConfigError(f"unknown --runtime {self.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
         if self.method not in METHODS:
             raise ConfigError(f"unknown --method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.reward not in REWARDS:
+            raise ConfigError(f"unknown --reward {self.reward!r}; choose one of: {', '.join(REWARDS)}")
+        if self.reward_images < 64:
+            raise ConfigError(f"need --reward-images >= 64, got {self.reward_images}")
         if self.episodes < 1 or self.bn_images < 8 or self.table_random < 4 or self.threads < 1:
             raise ConfigError(f"need --episodes >= 1, --threads >= 1, bn_images >= 8, table_random >= 4, got "
                               f"{self.episodes}, {self.threads}, {self.bn_images}, {self.table_random}")
@@ -202,13 +209,14 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     st = search_setup(cfg, teacher, say)
     seconds["latency_table"] = round(time.perf_counter() - clock, 1)
 
+    train_cfg = _train_config(teacher)
+    distil = cfg.distil.resolved(train_cfg.optimizer, train_cfg.epochs)
     clock = time.perf_counter()
-    scorer = Scorer(st.model, st.infos, st.table, st.x_bn, st.ds.split("val"), st.ds, cfg)
+    scorer = Scorer(st.model, st.infos, st.table, st.x_bn, st.ds.split("val"), st.ds, cfg,
+                    _reward_training(cfg, st, teacher, train_cfg, distil, device))
     _search(cfg, st.space, scorer)
     seconds["search"] = round(time.perf_counter() - clock, 1)
 
-    train_cfg = _train_config(teacher)
-    distil = cfg.distil.resolved(train_cfg.optimizer, train_cfg.epochs)
     finalists, dropped, recal = _finalists(cfg, st, teacher, scorer, train_cfg, distil, device, say, seconds)
     best = finalists[0]
     say(f"chosen: {best['channels']} (val {best['val_acc']}% before distillation"
@@ -237,6 +245,16 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
     _write_log(out / LOG_NAME, scorer.records)
     save_teacher(student, new_meta, out)  # the sidecar last: a folder with it is complete
     return PruneOutcome(out, {**new_meta}, seconds)
+
+
+def _reward_training(cfg: PruneConfig, st: SearchSetup, teacher: Teacher, train_cfg: TrainConfig, distil: DistilConfig,
+                     device) -> Callable | None:
+    """The "kd" reward's short distillation of each proposal (None for "bn")."""
+    if cfg.reward != "kd":
+        return None
+    subset = train_subset(st.ds.split("train"), cfg.reward_images, cfg.seed)
+    return lambda student: short_distil(student, teacher.model, subset, st.ds, train_cfg, distil, 1, cfg.seed, device,
+                                        "reward distillation")
 
 
 def _search(cfg: PruneConfig, space: ag.ChannelSpace, scorer: Scorer) -> None:
@@ -374,8 +392,9 @@ def _pruning_record(cfg, distil, st: SearchSetup, teacher, scorer, finalists, dr
         "method": cfg.method, "budget": {"metric": cfg.metric, "ratio": cfg.ratio, "text": cfg.budget,
                                          "search_ratio": round(cfg.search_ratio, 6)},
         "runtime": cfg.runtime, "seed": cfg.seed, "episodes": len(scorer.records),
-        "reward": {"alpha": cfg.alpha, "beta": cfg.beta, "gamma": cfg.gamma, "split": "val",
-                   "bn_images": cfg.bn_images, "val_acc_unpruned": scorer.acc0, "chosen": finalists[0]},
+        "reward": {"kind": cfg.reward, "alpha": cfg.alpha, "beta": cfg.beta, "gamma": cfg.gamma, "split": "val",
+                   "bn_images": cfg.bn_images, "kd_images": cfg.reward_images if cfg.reward == "kd" else 0,
+                   "val_acc_unpruned": scorer.acc0, "chosen": finalists[0]},
         "finalists": {**cfg.finalists.to_dict(), "ranked": finalists if len(finalists) > 1 else [],
                       "over_budget": dropped},  # measured over a latency budget: not distilled
         "recalibration": recal,  # None under a MACs budget (exact: nothing to recalibrate)

@@ -82,17 +82,26 @@ def rank_finalists(finalists: list[dict], model, teacher, x_bn: torch.Tensor, ds
     ranked = []
     for i, rec in enumerate(finalists):
         student = reestimate_bn(pruned_copy(model, rec["channels"], in_shape), x_bn)
-        loss = Distillation(teacher, student, distil)
-        try:  # the same batches and augmentation for every finalist: the generator is re-seeded each time
-            run_epochs(student, subset, ds, train_cfg, cfg.epochs, distil.lr, f"finalist {i + 1}/{len(finalists)}",
-                       torch.Generator().manual_seed(seed), device, loss, train_cfg.optimizer, train_cfg.weight_decay)
-        finally:
-            loss.close()
+        short_distil(student, teacher, subset, ds, train_cfg, distil, cfg.epochs, seed, device,
+                     f"finalist {i + 1}/{len(finalists)}")
         acc = accuracy(predict(student, val, ds), val.labels)
         say(f"finalist {i + 1}/{len(finalists)} (search episode {rec['episode']}, val {rec['val_acc']}% untrained): "
             f"{acc}% val after {cfg.epochs} short epoch(s) on {len(subset)} images")
         ranked.append({**rec, "short_val_acc": acc, "search_rank": i + 1})
     return sorted(ranked, key=lambda r: (-r["short_val_acc"], r["search_rank"]))
+
+
+def short_distil(student, teacher, subset: Split, ds: Dataset, train_cfg: TrainConfig, distil: DistilConfig, epochs: int,
+                 seed: int, device, label: str) -> None:
+    """Distil `student` in place for `epochs` over `subset` with the full distillation's loss and
+    rate. The generator is re-seeded on each call, so every student sees the same batches and
+    augmentation: what differs between two calls is the configuration alone."""
+    loss = Distillation(teacher, student, distil)
+    try:
+        run_epochs(student, subset, ds, train_cfg, epochs, distil.lr, label, torch.Generator().manual_seed(seed), device,
+                   loss, train_cfg.optimizer, train_cfg.weight_decay)
+    finally:
+        loss.close()
 
 
 def time_finalists(finalists: list[dict], model, unpruned, x_bn: torch.Tensor, image: np.ndarray, runtime: str,
