@@ -219,8 +219,8 @@ def _run(cfg: PruneConfig, teacher: Teacher, out: Path, force: bool, device, say
 
     finalists, dropped, recal = _finalists(cfg, st, teacher, scorer, train_cfg, distil, device, say, seconds)
     best = finalists[0]
-    say(f"chosen: {best['channels']} (val {best['val_acc']}% before distillation"
-        + (f", {best['short_val_acc']}% after the short one" if "short_val_acc" in best else "")
+    say(f"chosen: {best['channels']} (val {best['val_acc']}% as the search scored it"
+        + (f", {best['short_val_acc']}% after the finalists' short distillation" if "short_val_acc" in best else "")
         + f"; unpruned {scorer.acc0}%)")
 
     clock = time.perf_counter()

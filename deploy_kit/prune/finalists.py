@@ -85,7 +85,7 @@ def rank_finalists(finalists: list[dict], model, teacher, x_bn: torch.Tensor, ds
         short_distil(student, teacher, subset, ds, train_cfg, distil, cfg.epochs, seed, device,
                      f"finalist {i + 1}/{len(finalists)}")
         acc = accuracy(predict(student, val, ds), val.labels)
-        say(f"finalist {i + 1}/{len(finalists)} (search episode {rec['episode']}, val {rec['val_acc']}% untrained): "
+        say(f"finalist {i + 1}/{len(finalists)} (search episode {rec['episode']}, val {rec['val_acc']}% as the search scored it): "
             f"{acc}% val after {cfg.epochs} short epoch(s) on {len(subset)} images")
         ranked.append({**rec, "short_val_acc": acc, "search_rank": i + 1})
     return sorted(ranked, key=lambda r: (-r["short_val_acc"], r["search_rank"]))
