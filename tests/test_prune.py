@@ -496,7 +496,8 @@ def test_a_table_the_finalists_show_off_is_recalibrated_and_searched_again(float
     model, x_bn = float_lenet
     infos = sg.layer_infos(model, SHAPE)
     table = _MacsTable(infos)
-    cfg = PruneConfig(teacher=Path("x"), budget="latency=0.5", episodes=8, ppo=PPOConfig(episodes_per_update=4))
+    cfg = PruneConfig(teacher=Path("x"), budget="latency=0.5", latency_margin=0.05, episodes=8,
+                      ppo=PPOConfig(episodes_per_update=4))
     full = table.predict(sg.full_channels(infos))
     space = ag.ChannelSpace(infos, table.predict, cfg.search_ratio * full)
     st = SearchSetup(digits, x_bn, model, infos, None, None, table, space)

@@ -15,10 +15,11 @@ from deploy_kit.device import DEVICES
               help="Run folder written by `deploykit train` (teacher.json + teacher.safetensors).")
 @click.option("--budget", default="latency=0.5", show_default=True,
               help="latency=F or macs=F: the pruned model's cost as a fraction F in (0, 1) of the unpruned one's.")
-@click.option("--latency-margin", type=Finite(0, 0.5, max_open=True), default=0.05, show_default=True,
+@click.option("--latency-margin", type=Finite(0, 0.5, max_open=True), default=0.02, show_default=True,
               help="A latency budget is searched at budget × (1 − margin) as the latency table predicts it, so that "
                    "what is chosen measures under the budget despite the table's and the machine's few per cent of "
-                   "noise; the measured checks use the budget itself. MACs budgets are exact and take no margin.")
+                   "noise; the finalists are timed and the table recalibrated from them, so a small margin suffices. "
+                   "The measured checks use the budget itself. MACs budgets are exact and take no margin.")
 @click.option("--runtime", default="litert", show_default=True,
               help="Where latency is measured: litert (TFLite INT8, XNNPACK) or onnxruntime.")
 @click.option("--amx/--no-amx", default=False, show_default=True,
