@@ -7,7 +7,8 @@ the measured LiteRT latency of each INT8 export, all timed in one interleaved se
 Runs given with --run may be pruned teachers (`deploykit prune`) or plain zoo teachers of another
 --width (`deploykit train`): all are priced with the unpruned model's latency table. Each run's
 INT8 test drop against the unpruned teacher comes with a two-sided exact McNemar p-value over the
-same test images (is the drop more than chance?).
+same test images (is the drop more than chance?). `--pair A:B` (repeatable) compares two of the runs on
+the same val and test images: each one's accuracy, the images only one gets right, and the McNemar p.
 """
 
 from __future__ import annotations
@@ -38,9 +39,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50, help="timed runs per model per round (more: a longer, steadier window)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--amx", action="store_true", help="time with Intel AMX allowed (as `deploykit prune --amx`)")
+    ap.add_argument("--pair", action="append", default=[], help="A:B, two run names to compare image by image")
     args = ap.parse_args()
     torch.set_num_threads(1)
     runs = {"unpruned": args.unpruned, **{r.split("=", 1)[0]: Path(r.split("=", 1)[1]) for r in args.run}}
+    pairs = [tuple(p.split(":", 1)) for p in args.pair]
+    unknown = sorted({n for p in pairs for n in p} - set(runs)) + [p for p in args.pair if ":" not in p]
+    if unknown:
+        raise SystemExit(f"--pair takes A:B with names given to --run (or unpruned); not: {', '.join(unknown)}")
     teachers = {name: load_teacher(path) for name, path in runs.items()}
     base = teachers["unpruned"]
     in_shape = tuple(base.meta["input_shape"])
@@ -82,6 +88,17 @@ def main() -> None:
               f"{r['measured_ratio']} | {r['predicted_ms']:.4f} | {r['table_error_pct']:+.1f} % |")
     print("\nchannels:", {r["run"]: r["channels"] for r in rows})
     print("mean |table error|:", round(float(np.mean([abs(r["table_error_pct"]) for r in rows])), 1), "%")
+    if pairs:
+        print("\n| A vs B | split | A % | B % | only A right | only B right | McNemar p |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for split in ("val", "test"):
+            images = ds.split(split)
+            ok = {n: predict(teachers[n].model, images, ds).argmax(1) == images.labels for n in {n for p in pairs for n in p}}
+            for a_name, b_name in pairs:
+                a, b = ok[a_name], ok[b_name]
+                p = min(1.0, 2 * min(mcnemar_worse(a, b), mcnemar_worse(b, a)))
+                print(f"| {a_name} vs {b_name} | {split} | {100 * a.mean():.2f} | {100 * b.mean():.2f} | {int((a & ~b).sum())} | "
+                      f"{int((b & ~a).sum())} | {p:.2g} |")
 
 
 if __name__ == "__main__":
