@@ -571,8 +571,8 @@ def test_finalists_recalibrate_against_real_litert_timing(lenet_teacher, float_l
     model, x_bn = float_lenet
     infos = sg.layer_infos(model, SHAPE)
     table = _MacsTable(infos)
-    cfg = PruneConfig(teacher=lenet_teacher, budget="latency=0.9", episodes=4, ppo=PPOConfig(episodes_per_update=4),
-                      finalists=FinalistConfig(count=3, images=64))
+    cfg = PruneConfig(teacher=lenet_teacher, budget="latency=0.9", latency_margin=0.05, episodes=4,
+                      ppo=PPOConfig(episodes_per_update=4), finalists=FinalistConfig(count=3, images=64))
     space = ag.ChannelSpace(infos, table.predict, cfg.search_ratio * table.predict(sg.full_channels(infos)))
     assert space.reachable() / table.predict(space.full) < 0.3  # LeNet5's floors: 0.287× its MACs
     image = normalize(digits.split("val").images[:1], digits.norm)
