@@ -30,6 +30,11 @@ from deploy_kit.teacher import load_teacher
 from deploy_kit.train import predict
 
 
+def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sided exact McNemar p over the same images (a, b: right or wrong per image)."""
+    return min(1.0, 2 * min(mcnemar_worse(a, b), mcnemar_worse(b, a)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--unpruned", type=Path, required=True)
@@ -74,7 +79,7 @@ def main() -> None:
         a, b = right["unpruned"], right[name]
         rows.append({"run": name, "int8_val": acc["val"], "int8_test": acc["test"],
                      "test_drop": round(100 * float(a.mean() - b.mean()), 2),
-                     "mcnemar_p": float(f"{min(1.0, 2 * min(mcnemar_worse(a, b), mcnemar_worse(b, a))):.2g}"),
+                     "mcnemar_p": float(f"{mcnemar_p(a, b):.2g}"),
                      "macs_ratio": round(sg.macs(infos, counts) / sg.macs(infos, full), 3),
                      "measured_ms": ms[name], "measured_ratio": round(ms[name] / ms["unpruned"], 3),
                      "predicted_ms": round(pred, 5), "table_error_pct": round(100 * (pred - ms[name]) / ms[name], 1),
@@ -96,9 +101,8 @@ def main() -> None:
             ok = {n: predict(teachers[n].model, images, ds).argmax(1) == images.labels for n in {n for p in pairs for n in p}}
             for a_name, b_name in pairs:
                 a, b = ok[a_name], ok[b_name]
-                p = min(1.0, 2 * min(mcnemar_worse(a, b), mcnemar_worse(b, a)))
                 print(f"| {a_name} vs {b_name} | {split} | {100 * a.mean():.2f} | {100 * b.mean():.2f} | {int((a & ~b).sum())} | "
-                      f"{int((b & ~a).sum())} | {p:.2g} |")
+                      f"{int((b & ~a).sum())} | {mcnemar_p(a, b):.2g} |")
 
 
 if __name__ == "__main__":
